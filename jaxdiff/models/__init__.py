@@ -1,0 +1,1 @@
+"""Flax linen modules of Stable Diffusion, built from diffusers/transformers `config.json` dicts."""

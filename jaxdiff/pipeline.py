@@ -1,0 +1,384 @@
+"""Text-to-image: configs + params + one jitted function from token ids to pixels.
+
+Two layers:
+- pure functions (`encode_prompt`, `denoise`, `decode`, `generate`) that take a static `Models`
+  bundle first and params as arguments, for research code to `jax.jit`, `jax.grad` or `jax.vmap`:
+
+      models, params = pipe.models, pipe.params
+      fn = jax.jit(functools.partial(jaxdiff.pipeline.generate, models), static_argnames=("sampler", "guidance"))
+
+- `Pipeline`, which tokenizes on the host, validates input, draws noise and calls one cached jitted
+  `generate`. Prompt text, seed and guidance scale are traced values: changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import text
+from jaxdiff.models.clip import CLIPTextModel
+from jaxdiff.models.unet import UNet2DConditionModel
+from jaxdiff.models.vae import AutoencoderKL
+from jaxdiff.sampling import denoise as denoise_lib
+from jaxdiff.sampling import schedules
+from jaxdiff.weights import diffusers as diffusers_io
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What differs between SD1.x/2.x and SDXL outside the modules themselves."""
+    conditioning: text.TextConditioning
+    guidance_scale: float  # diffusers' default for the family
+    micro_conditioning: bool  # SDXL's add_time_ids (original size, crop, target size)
+
+
+FAMILIES = {
+    "StableDiffusionPipeline": Family(text.TextConditioning(), 7.5, False),
+    "StableDiffusionXLPipeline": Family(
+        text.TextConditioning(hidden_layer=-2, final_norm=False, pooled=True), 5.0, True),
+}
+
+# The sampler that reproduces each diffusers scheduler class, used when the folder names no default.
+SAMPLER_FOR_SCHEDULER = {
+    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m", "PNDMScheduler": "pndm",
+}
+JAXDIFF_DEFAULTS_FILE = "jaxdiff.json"  # optional: {"sampler", "steps", "guidance_scale"} of a folder
+
+
+def family_of(pipeline_class: str) -> Family:
+    # Img2Img/Inpaint variants of a family condition the same way.
+    xl = "XL" in pipeline_class
+    for name, family in FAMILIES.items():
+        if pipeline_class.startswith(name.removesuffix("Pipeline")) and ("XL" in name) == xl:
+            return family
+    raise ValueError(f"unsupported pipeline class {pipeline_class!r}; jaxdiff loads "
+                     f"{', '.join(FAMILIES)} folders")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The static half of a pipeline: linen modules and the config numbers the math needs."""
+    text_encoders: tuple[CLIPTextModel, ...]
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    family: Family
+    prediction_type: str
+    scaling_factor: float
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None  # per-channel statistics some SDXL VAEs carry
+    latents_std: tuple[float, ...] | None = None
+    latent_channels: int = 4
+    vae_scale_factor: int = 8  # 2 ** (number of VAE blocks - 1)
+    sample_size: tuple[int, int] = (64, 64)  # the U-Net's native latent size
+
+
+class Conditioning(NamedTuple):
+    """What the U-Net is conditioned on for one batch."""
+    context: jax.Array  # [B, T, D] token embeddings for cross-attention
+    pooled: jax.Array | None = None  # [B, P] SDXL pooled text embedding
+    time_ids: jax.Array | None = None  # [B, 6] SDXL original size, crop corner, target size
+
+
+class GenerateInputs(NamedTuple):
+    """Everything `generate` traces: new values of the same shapes reuse the compiled function."""
+    ids: tuple[jax.Array, ...]  # per text encoder, [B, 77] int32
+    uncond_ids: tuple[jax.Array, ...]
+    uncond_keep: jax.Array  # 1.0, or 0.0 to zero the negative embeddings (SDXL, no negative prompt)
+    noise: jax.Array  # [B, h, w, C] unit variance
+    schedule: schedules.Schedule
+    guidance_scale: jax.Array
+    time_ids: jax.Array | None
+    key: jax.Array  # for stochastic samplers
+
+
+def encode_prompt(models: Models, text_params, ids, time_ids=None) -> Conditioning:
+    """Token ids (one array per text encoder) -> the U-Net's conditioning."""
+    context, pooled = text.encode(models.text_encoders, text_params, ids, models.family.conditioning)
+    return Conditioning(context, pooled, time_ids)
+
+
+def _added_cond(cond: Conditioning):
+    if cond.pooled is None:
+        return None
+    return {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+
+
+def _concat(a: Conditioning, b: Conditioning) -> Conditioning:
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+
+
+def guided_model(models: Models, unet_params, cond: Conditioning, uncond: Conditioning | None,
+                 guidance_scale):
+    """model_fn(x_in, t) -> eps or v, with classifier-free guidance when `uncond` is given.
+
+    Guidance mixes the model outputs, as diffusers does; the uncond and cond halves go through the
+    U-Net as one batch of 2B.
+    """
+    both = cond if uncond is None else _concat(uncond, cond)
+
+    def model_fn(x_in, t):
+        if uncond is not None:
+            x_in = jnp.concatenate([x_in, x_in])
+        ts = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_in.shape[0],))
+        out = models.unet.apply({"params": unet_params}, x_in, ts, both.context, _added_cond(both))
+        if uncond is None:
+            return out
+        out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    return model_fn
+
+
+def denoise(models: Models, unet_params, noise, cond: Conditioning, uncond: Conditioning | None,
+            guidance_scale, schedule: schedules.Schedule, sampler: str, key) -> jax.Array:
+    """Unit noise [B, h, w, C] -> clean latents, by one `lax.scan` over the schedule."""
+    model_fn = guided_model(models, unet_params, cond, uncond, guidance_scale)
+    denoise_fn = denoise_lib.denoiser(model_fn, models.prediction_type)
+    return denoise_lib.sample(denoise_fn, noise, schedule, sampler, key)
+
+
+def decode(models: Models, vae_params, latents) -> jax.Array:
+    """Latents -> images [B, H, W, 3] in [0, 1]."""
+    latents = latents.astype(jnp.float32)
+    if models.latents_mean is not None:
+        latents = (latents * jnp.asarray(models.latents_std) / models.scaling_factor
+                   + jnp.asarray(models.latents_mean))
+    else:
+        latents = latents / models.scaling_factor + (models.shift_factor or 0.0)
+    images = models.vae.apply({"params": vae_params}, latents, method="decode")
+    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def encode_images(models: Models, vae_params, images, key=None) -> jax.Array:
+    """Images [B, H, W, 3] in [0, 1] -> scaled latents (the posterior mean, or a sample with `key`)."""
+    mean, logvar = models.vae.apply({"params": vae_params}, images * 2 - 1, method="encode")
+    latents = mean
+    if key is not None:
+        latents = mean + jnp.exp(0.5 * jnp.clip(logvar, -30, 20)) * jax.random.normal(key, mean.shape)
+    if models.latents_mean is not None:
+        return (latents - jnp.asarray(models.latents_mean)) * models.scaling_factor / jnp.asarray(
+            models.latents_std)
+    return (latents - (models.shift_factor or 0.0)) * models.scaling_factor
+
+
+def generate(models: Models, params, inputs: GenerateInputs, sampler: str, guidance: bool):
+    """Token ids and noise -> images [B, H, W, 3] in [0, 1]: encode, denoise, decode."""
+    cond = encode_prompt(models, params["text_encoders"], inputs.ids, inputs.time_ids)
+    uncond = None
+    if guidance:
+        uncond = encode_prompt(models, params["text_encoders"], inputs.uncond_ids, inputs.time_ids)
+        keep = inputs.uncond_keep
+        uncond = uncond._replace(context=uncond.context * keep,
+                                 pooled=None if uncond.pooled is None else uncond.pooled * keep)
+    latents = denoise(models, params["unet"], inputs.noise, cond, uncond, inputs.guidance_scale,
+                      inputs.schedule, sampler, inputs.key)
+    return decode(models, params["vae"], latents)
+
+
+class Pipeline:
+    """A loaded model: `generate(prompts, ...)` returns NumPy images [B, H, W, 3] in [0, 1]."""
+
+    def __init__(self, models: Models, params, tokenizers, scheduler_config: dict,
+                 defaults: dict, force_zeros_for_empty_prompt: bool = False, path: str | None = None):
+        self.models = models
+        self.params = params
+        self.tokenizers = tuple(tokenizers)
+        self.scheduler_config = dict(scheduler_config)
+        self.defaults = dict(defaults)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.path = path
+        self._generate = jax.jit(functools.partial(generate, models),
+                                 static_argnames=("sampler", "guidance"))
+
+    def __repr__(self):
+        return f"Pipeline({self.path!r}, defaults={self.defaults})"
+
+    def default_size(self) -> tuple[int, int]:
+        h, w = self.models.sample_size
+        return h * self.models.vae_scale_factor, w * self.models.vae_scale_factor
+
+    def prepare(self, prompts, negative_prompts=None, height=None, width=None, steps=None,
+                guidance_scale=None, sampler=None, seed=0, latents=None,
+                num_images_per_prompt: int = 1) -> tuple[GenerateInputs, str, bool]:
+        """Validates and tokenizes on the host: the arguments of `generate` for these settings."""
+        prompts = text.as_prompt_list(prompts)
+        if negative_prompts is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompts, str):
+            negatives = [negative_prompts] * len(prompts)
+        else:
+            negatives = text.as_prompt_list(negative_prompts, "negative_prompts")
+            if len(negatives) != len(prompts):
+                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
+                                 "give one per prompt, a single string, or None")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        batch = len(prompts)
+
+        sampler = sampler or self.defaults["sampler"]
+        if sampler not in schedules.SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(schedules.SAMPLER_NAMES)}")
+        steps = self.defaults["steps"] if steps is None else steps
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        guidance_scale = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+
+        f = self.models.vae_scale_factor
+        c = self.models.latent_channels
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.ndim != 4:
+                raise ValueError(f"latents must be NHWC [B, H/{f}, W/{f}, {c}], got shape {latents.shape}")
+            height = latents.shape[1] * f if height is None else height
+            width = latents.shape[2] * f if width is None else width
+        default_h, default_w = self.default_size()
+        height, width = height or default_h, width or default_w
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {f} (the VAE's downscale "
+                                 f"factor), got {v!r}")
+        shape = (batch, height // f, width // f, c)
+        if latents is None:
+            keys = jax.random.split(jax.random.key(seed), batch)
+            noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys)
+        elif latents.shape != shape:
+            raise ValueError(f"latents have shape {latents.shape}, expected {shape} (NHWC) for "
+                             f"{batch} image(s) of {height}x{width}")
+        else:
+            noise = jnp.asarray(latents)
+
+        time_ids = None
+        if self.models.family.micro_conditioning:
+            # original_size + crop top-left + target_size, as diffusers' SDXL pipeline with defaults.
+            time_ids = jnp.tile(jnp.asarray([height, width, 0, 0, height, width], jnp.float32),
+                                (batch, 1))
+        zero_uncond = negative_prompts is None and self.force_zeros_for_empty_prompt
+        inputs = GenerateInputs(
+            ids=tuple(jnp.asarray(text.tokenize(t, prompts)) for t in self.tokenizers),
+            uncond_ids=tuple(jnp.asarray(text.tokenize(t, negatives)) for t in self.tokenizers),
+            uncond_keep=jnp.float32(0.0 if zero_uncond else 1.0),
+            noise=noise,
+            schedule=schedules.make_schedule(sampler, self.scheduler_config, int(steps)),
+            guidance_scale=jnp.float32(guidance_scale),
+            time_ids=time_ids,
+            key=jax.random.fold_in(jax.random.key(seed), 1),
+        )
+        # diffusers skips the unconditional pass when guidance_scale <= 1.
+        return inputs, sampler, guidance_scale > 1.0
+
+    def generate(self, prompts, negative_prompts=None, height=None, width=None, steps=None,
+                 guidance_scale=None, sampler=None, seed=0, latents=None,
+                 num_images_per_prompt: int = 1) -> np.ndarray:
+        """Images [B, H, W, 3] float32 in [0, 1] for `prompts` (a string or a list).
+
+        `latents`, if given, is unit-variance NHWC noise [B, H/8, W/8, C]; otherwise image i of the
+        batch draws its noise from `jax.random.split(jax.random.key(seed), B)[i]`.
+        """
+        inputs, sampler, guidance = self.prepare(
+            prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
+            num_images_per_prompt)
+        images = self._generate(self.params, inputs, sampler=sampler, guidance=guidance)
+        return np.asarray(images, np.float32)
+
+
+def _component(index: dict, name: str) -> str | None:
+    entry = index.get(name)
+    return entry[1] if isinstance(entry, (list, tuple)) and entry[1] is not None else None
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
+
+
+def _param_shapes(module):
+    return jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"]
+
+
+# The diffusers/transformers classes each jaxdiff module reads.
+MODULE_FOR_CLASS = {
+    "CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModel,
+    "UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL,
+}
+
+
+def _load_module(path, index, name, dtype, allow_pickle):
+    cls = MODULE_FOR_CLASS.get(_component(index, name))
+    if cls is None:
+        raise ValueError(f"{path}: component {name!r} is a {_component(index, name)}; jaxdiff reads "
+                         f"{', '.join(MODULE_FOR_CLASS)}")
+    folder = os.path.join(path, name)
+    config = diffusers_io.read_json(os.path.join(folder, "config.json"))
+    module = cls.from_config(config, dtype=dtype)
+    params = diffusers_io.load_component(folder, _param_shapes(module), what=name,
+                                         allow_pickle=allow_pickle)
+    return module, config, jax.tree.map(jnp.asarray, params)
+
+
+def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: bool = False) -> Pipeline:
+    """Loads a diffusers pipeline folder (SD1.x, SD2.x, SDXL) into a `Pipeline`.
+
+    Every tensor must map onto a parameter of the same shape and every parameter must be filled;
+    anything else raises `WeightError` naming the tensor. `dtype` is the compute dtype (params stay
+    float32). Pickle weights (`.bin`, `.ckpt`) are refused unless `allow_pickle=True`.
+    """
+    from transformers import CLIPTokenizer
+
+    if path is None:
+        raise ValueError("no model path given (the bundled default model is not part of this build)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    index = diffusers_io.read_json(os.path.join(path, "model_index.json"))
+    family = family_of(index.get("_class_name", ""))
+
+    tokenizers, encoders, text_params = [], [], []
+    for suffix in ("", "_2"):
+        if _component(index, "text_encoder" + suffix) is None:
+            continue
+        module, _, params = _load_module(path, index, "text_encoder" + suffix, dtype, allow_pickle)
+        encoders.append(module)
+        text_params.append(params)
+        tokenizers.append(CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer" + suffix)))
+    if not encoders:
+        raise ValueError(f"{path}: model_index.json names no text encoder")
+    unet, unet_config, unet_params = _load_module(path, index, "unet", dtype, allow_pickle)
+    vae, vae_config, vae_params = _load_module(path, index, "vae", dtype, allow_pickle)
+    scheduler_config = diffusers_io.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+
+    optional = lambda key: tuple(vae_config[key]) if vae_config.get(key) is not None else None
+    models = Models(
+        text_encoders=tuple(encoders), unet=unet, vae=vae, family=family,
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+        shift_factor=vae_config.get("shift_factor"),
+        latents_mean=optional("latents_mean"), latents_std=optional("latents_std"),
+        latent_channels=int(unet_config.get("in_channels", 4)),
+        vae_scale_factor=2 ** (len(vae_config.get("block_out_channels", (0,) * 4)) - 1),
+        sample_size=_pair(unet_config.get("sample_size", 64)))
+
+    defaults = {
+        "sampler": SAMPLER_FOR_SCHEDULER.get(scheduler_config.get("_class_name"), "euler"),
+        "steps": 50, "guidance_scale": family.guidance_scale,
+    }
+    if scheduler_config.get("use_karras_sigmas") and defaults["sampler"] + "_karras" in schedules.SAMPLER_NAMES:
+        defaults["sampler"] += "_karras"
+    if defaults["sampler"] not in schedules.SAMPLER_NAMES:
+        defaults["sampler"] = "euler"
+    defaults_file = os.path.join(path, JAXDIFF_DEFAULTS_FILE)
+    if os.path.exists(defaults_file):
+        defaults.update(diffusers_io.read_json(defaults_file))
+
+    params = {"text_encoders": tuple(text_params), "unet": unet_params, "vae": vae_params}
+    return Pipeline(models, params, tokenizers, scheduler_config, defaults,
+                    force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+                    path=path)

@@ -1,0 +1,62 @@
+"""Prompts -> token ids (host side) and token ids -> U-Net conditioning (pure, jittable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+    """Which encoder outputs a pipeline family feeds the U-Net.
+
+    SD1.x/2.x take each encoder's last layer after the final layer norm; SDXL takes the penultimate
+    layer without it, concatenated over both encoders, plus the pooled projection of the last one.
+    """
+    hidden_layer: int = -1
+    final_norm: bool = True
+    pooled: bool = False
+
+
+def as_prompt_list(prompts, what: str = "prompts") -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompts!r}")
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+    """Token ids [B, model_max_length], padded and truncated as diffusers does (with a warning)."""
+    max_len = tokenizer.model_max_length
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True).input_ids
+    full = tokenizer(list(prompts)).input_ids  # unpadded, so each prompt's own length shows
+    for prompt, long_ids in zip(prompts, full):
+        if len(long_ids) > max_len:
+            dropped = tokenizer.decode(long_ids[max_len - 1:-1])
+            warnings.warn(f"prompt truncated to {max_len} tokens; this part was dropped: {dropped!r}",
+                          stacklevel=3)
+    return np.asarray(ids, np.int32)
+
+
+def encode(encoders, params, ids, spec: TextConditioning):
+    """Token ids per encoder -> (context [B, T, sum of widths], pooled [B, P] or None). Pure."""
+    contexts, pooled = [], None
+    for encoder, p, i in zip(encoders, params, ids):
+        out = encoder.apply({"params": p}, i)
+        if spec.final_norm and spec.hidden_layer == -1:
+            contexts.append(out.last_hidden_state)
+        elif spec.final_norm:
+            raise ValueError("a normed hidden layer other than the last is not supported")
+        else:
+            contexts.append(out.hidden_states[spec.hidden_layer])
+        if out.text_embeds is not None:
+            pooled = out.text_embeds
+    if spec.pooled and pooled is None:
+        raise ValueError("this pipeline needs a pooled text embedding, but no text encoder has a "
+                         "projection (CLIPTextModelWithProjection)")
+    return jnp.concatenate(contexts, axis=-1), (pooled if spec.pooled else None)

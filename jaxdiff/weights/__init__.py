@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints in the formats users have."""

@@ -1,0 +1,27 @@
+"""jaxdiff: Stable Diffusion in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxdiff",
+    version="0.1.0",
+    description="Stable Diffusion (SD1.x, SD2.x, SDXL) sampling and training in JAX/Flax",
+    packages=find_packages(include=["jaxdiff", "jaxdiff.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "transformers>=5.0",  # tokenizers and configs only: the models are jaxdiff's own
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # diffusers and torch only check parity in the tests; torch is pinned (an unpinned one
+        # pulls a multi-GB CUDA build).
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers==0.42.1", "safetensors>=0.4"],
+    },
+)

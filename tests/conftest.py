@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny diffusers-format pipelines built once per test session."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory):
+    """kind ("sd1" | "sd2" | "sdxl") -> path of a tiny random-weight pipeline folder."""
+    from tests import tiny_pipelines
+
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            path = str(tmp_path_factory.mktemp(kind))
+            tiny_pipelines.build(kind, path)
+            built[kind] = path
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def jaxdiff_pipeline(pipeline_dir):
+    """kind -> a `jaxdiff.Pipeline` loaded from the tiny folder (loaded once)."""
+    import jaxdiff
+
+    loaded = {}
+
+    def get(kind):
+        if kind not in loaded:
+            loaded[kind] = jaxdiff.load(pipeline_dir(kind))
+        return loaded[kind]
+
+    return get
