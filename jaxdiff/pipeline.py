@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import text
+from jaxdiff.models import clip
 from jaxdiff.models.clip import CLIPTextModel
 from jaxdiff.models.unet import UNet2DConditionModel
 from jaxdiff.models.vae import AutoencoderKL
@@ -305,15 +306,17 @@ def _param_shapes(module):
     return jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"]
 
 
-# The diffusers/transformers classes each jaxdiff module reads.
+# The diffusers/transformers classes each jaxdiff module reads, with the tensor renaming it needs.
 MODULE_FOR_CLASS = {
-    "CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModel,
-    "UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL,
+    "CLIPTextModel": (CLIPTextModel, clip.canonical_state_dict),
+    "CLIPTextModelWithProjection": (CLIPTextModel, clip.canonical_state_dict),
+    "UNet2DConditionModel": (UNet2DConditionModel, None),
+    "AutoencoderKL": (AutoencoderKL, None),
 }
 
 
 def _load_module(path, index, name, dtype, allow_pickle):
-    cls = MODULE_FOR_CLASS.get(_component(index, name))
+    cls, rename = MODULE_FOR_CLASS.get(_component(index, name), (None, None))
     if cls is None:
         raise ValueError(f"{path}: component {name!r} is a {_component(index, name)}; jaxdiff reads "
                          f"{', '.join(MODULE_FOR_CLASS)}")
@@ -321,7 +324,7 @@ def _load_module(path, index, name, dtype, allow_pickle):
     config = diffusers_io.read_json(os.path.join(folder, "config.json"))
     module = cls.from_config(config, dtype=dtype)
     params = diffusers_io.load_component(folder, _param_shapes(module), what=name,
-                                         allow_pickle=allow_pickle)
+                                         allow_pickle=allow_pickle, rename=rename)
     return module, config, jax.tree.map(jnp.asarray, params)
 
 

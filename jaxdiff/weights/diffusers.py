@@ -129,9 +129,16 @@ def _rename_legacy(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_component(folder: str, param_shapes, what: str, allow_pickle: bool = False) -> dict:
-    """Reads a component folder into a params pytree with exactly the shapes of `param_shapes`."""
+def load_component(folder: str, param_shapes, what: str, allow_pickle: bool = False,
+                   rename=None) -> dict:
+    """Reads a component folder into a params pytree with exactly the shapes of `param_shapes`.
+
+    `rename`, if given, maps the folder's tensor dict to canonical names first (a model whose
+    library saves it under more than one naming).
+    """
     tensors = _rename_legacy(read_component_tensors(folder, allow_pickle))
+    if rename is not None:
+        tensors = rename(tensors)
     return load_state_dict(tensors, param_shapes, what=what, ignore=IGNORED_TENSORS)
 
 
