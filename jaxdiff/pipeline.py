@@ -244,7 +244,8 @@ class Pipeline:
             height = latents.shape[1] * f if height is None else height
             width = latents.shape[2] * f if width is None else width
         default_h, default_w = self.default_size()
-        height, width = height or default_h, width or default_w
+        height = default_h if height is None else height
+        width = default_w if width is None else width
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
                 raise ValueError(f"{name} must be a positive multiple of {f} (the VAE's downscale "
