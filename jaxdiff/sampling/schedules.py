@@ -1,0 +1,417 @@
+"""Noise schedules: a diffusers scheduler config + a sampler name -> sigmas and model timesteps.
+
+Everything here runs once on the host with NumPy, mirroring how the diffusers scheduler class that
+matches each sampler builds its `timesteps` / `sigmas` in `set_timesteps` (down to float32 rounding:
+torch's float32 `linspace` and float64-accumulated `cumprod` are reproduced). No torch or diffusers
+import: `jaxdiff` must stay light.
+
+All samplers work in sigma (variance-exploding) space, x = x_vp * sqrt(1 + sigma^2), where x_vp is
+diffusers' `sample`. A discrete timestep t has sigma(t) = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]).
+
+Config keys: a key absent from the config takes the default of the *counterpart* class (the one a
+sampler name maps to), not of the config's `_class_name`, and keys listed in `_use_default_values`
+count as absent. That is what diffusers does: `Cls.from_config(pipe.scheduler.config)` drops the
+values the old scheduler only had as defaults (configuration_utils.extract_init_dict).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+
+class Schedule(NamedTuple):
+    """Per-step noise levels, a pytree of float32 arrays (jit them as traced args: no recompiles).
+
+    sigmas:           [n + 1] sigma at which step i evaluates the model; sigmas[n] is the final level
+                      (0, or alphas_cumprod[0]'s sigma for DDIM / PNDM with set_alpha_to_one=False).
+    timesteps:        [n]     the model's timestep at sigmas[i] (fractional where diffusers' is).
+    init_noise_sigma: []      x starts as unit noise * init_noise_sigma (in sigma space).
+    sigmas_next:      [n]     the sigma step i moves the sample to. Equal to sigmas[1:] except for
+                      DDIM and PNDM, which step to t - T // n (not the next listed timestep: they
+                      differ for linspace / trailing spacing), after which the next step reads the
+                      same VP sample as if it were at sigmas[i + 1]. (PNDM's first step, a Heun step,
+                      lands on sigmas[1]; sigmas_next[0] is where its predictor goes.)
+    x0_clip:          []      the denoised x0 is clipped to [-x0_clip, x0_clip] (inf: no clipping;
+                      diffusers' clip_sample / clip_sample_range for DDIM, DDPM and Heun).
+    """
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+    init_noise_sigma: np.ndarray
+    sigmas_next: np.ndarray
+    x0_clip: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return int(np.shape(self.timesteps)[0])
+
+
+_COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+               trained_betas=None, prediction_type="epsilon", steps_offset=0)
+
+# __init__ defaults of the diffusers classes (0.42), for the keys we read. tests/test_sampling.py
+# checks them against the installed diffusers' signatures.
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": dict(
+        _COMMON, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, thresholding=False,
+        timestep_spacing="leading", rescale_betas_zero_snr=False),
+    "DDPMScheduler": dict(
+        _COMMON, variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
+        thresholding=False, timestep_spacing="leading", rescale_betas_zero_snr=False),
+    "EulerDiscreteScheduler": dict(
+        _COMMON, interpolation_type="linear", use_karras_sigmas=False, use_exponential_sigmas=False,
+        use_beta_sigmas=False, sigma_min=None, sigma_max=None, timestep_spacing="linspace",
+        timestep_type="discrete", rescale_betas_zero_snr=False, final_sigmas_type="zero"),
+    "EulerAncestralDiscreteScheduler": dict(
+        _COMMON, timestep_spacing="linspace", rescale_betas_zero_snr=False),
+    "HeunDiscreteScheduler": dict(
+        _COMMON, beta_start=0.00085, beta_end=0.012, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, clip_sample=False, clip_sample_range=1.0,
+        timestep_spacing="linspace"),
+    "PNDMScheduler": dict(
+        _COMMON, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
+    "DPMSolverMultistepScheduler": dict(
+        _COMMON, solver_order=2, thresholding=False, algorithm_type="dpmsolver++",
+        solver_type="midpoint", lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
+        use_flow_sigmas=False, final_sigmas_type="zero", lambda_min_clipped=-math.inf,
+        variance_type=None, timestep_spacing="linspace", rescale_betas_zero_snr=False),
+}
+# Heun and DPM-Solver read sigma_min / sigma_max with hasattr(config, ...): only a config that
+# carries them sets them. Euler has them as __init__ args (default None): same outcome.
+_OPTIONAL_KEYS = ("sigma_min", "sigma_max")
+
+_NO_EXTRA_SIGMAS = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+_DPM = dict(_NO_EXTRA_SIGMAS, solver_order=2, solver_type="midpoint", use_lu_lambdas=False,
+            use_flow_sigmas=False)
+
+# sampler name -> (diffusers counterpart class, config overrides). The name alone picks the sigma
+# spacing family, so e.g. "euler" ignores a config's use_karras_sigmas=True.
+COUNTERPARTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    # PLMS as Stable Diffusion pipelines configure PNDMScheduler (no Runge-Kutta warm-up).
+    "pndm": ("PNDMScheduler", dict(skip_prk_steps=True)),
+    "euler": ("EulerDiscreteScheduler", dict(_NO_EXTRA_SIGMAS, use_karras_sigmas=False)),
+    "euler_karras": ("EulerDiscreteScheduler", dict(_NO_EXTRA_SIGMAS, use_karras_sigmas=True)),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", dict(_NO_EXTRA_SIGMAS, use_karras_sigmas=False)),
+    "heun_karras": ("HeunDiscreteScheduler", dict(_NO_EXTRA_SIGMAS, use_karras_sigmas=True)),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                 dict(_DPM, algorithm_type="dpmsolver++", use_karras_sigmas=False)),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        dict(_DPM, algorithm_type="dpmsolver++", use_karras_sigmas=True)),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler",
+                     dict(_DPM, algorithm_type="sde-dpmsolver++", use_karras_sigmas=False)),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
+                            dict(_DPM, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
+}
+SAMPLER_NAMES = tuple(COUNTERPARTS)
+
+
+def resolve_config(sampler: str, scheduler_config: Mapping) -> dict[str, Any]:
+    """The config values the counterpart class of `sampler` would see after from_config(config)."""
+    cls, overrides = _counterpart(sampler)
+    given = dict(scheduler_config)
+    for key in given.pop("_use_default_values", None) or ():
+        given.pop(key, None)
+    cfg = {k: given.get(k, default) for k, default in CLASS_DEFAULTS[cls].items()}
+    cfg.update({k: given.get(k) for k in _OPTIONAL_KEYS if k not in cfg})
+    cfg.update(overrides)
+    return cfg
+
+
+def make_schedule(sampler: str, scheduler_config: Mapping, num_steps: int) -> Schedule:
+    """The Schedule of `sampler` for `num_steps` steps, as its diffusers counterpart builds it."""
+    cls, _ = _counterpart(sampler)
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    cfg = resolve_config(sampler, scheduler_config)
+    if cfg.get("thresholding"):
+        raise NotImplementedError("dynamic thresholding (thresholding=True) is not supported")
+    return _BUILDERS[cls](cfg, int(num_steps))
+
+
+def _counterpart(sampler: str) -> tuple[str, dict[str, Any]]:
+    if sampler not in COUNTERPARTS:
+        raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLER_NAMES)}")
+    return COUNTERPARTS[sampler]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training noise schedule
+
+
+def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32), bit-exact: float32 step, each half anchored at
+    its own end, fused multiply-add (emulated in float64, where the float32 product is exact)."""
+    s, e = np.float32(start), np.float32(end)
+    step = np.float64(np.float32((e - s) / np.float32(max(n - 1, 1))))
+    idx = np.arange(n, dtype=np.float64)
+    out = np.where(idx < n // 2, np.float64(s) + step * idx, np.float64(e) - step * (n - 1 - idx))
+    return out.astype(np.float32)
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+    """squaredcos_cap_v2 (Nichol & Dhariwal 2021), in float64 then float32 like diffusers."""
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], np.float32)
+
+
+def _betas(cfg) -> np.ndarray:
+    n = int(cfg["num_train_timesteps"])
+    if cfg["trained_betas"] is not None:
+        return np.asarray(cfg["trained_betas"], np.float32)
+    kind = cfg["beta_schedule"]
+    if kind == "linear":
+        return _torch_linspace_f32(cfg["beta_start"], cfg["beta_end"], n)
+    if kind == "scaled_linear":
+        return _torch_linspace_f32(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n) ** 2
+    if kind == "squaredcos_cap_v2":
+        return _cosine_betas(n)
+    raise NotImplementedError(f"beta_schedule {kind!r} is not supported "
+                              "(linear, scaled_linear, squaredcos_cap_v2)")
+
+
+def _cumprod(a: np.ndarray) -> np.ndarray:
+    # torch's CPU cumprod accumulates float32 in float64.
+    return np.cumprod(a.astype(np.float64)).astype(np.float32)
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Alg. 1: shift/scale sqrt(alphas_cumprod) so the last one is exactly 0."""
+    sqrt_ac = np.sqrt(_cumprod(1.0 - betas))
+    first, last = sqrt_ac[0], sqrt_ac[-1]
+    sqrt_ac = (sqrt_ac - last) * (first / (first - last))
+    ac = sqrt_ac ** 2
+    alphas = np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+    return (1.0 - alphas).astype(np.float32)
+
+
+def _alphas_cumprod(cfg, zero_snr_floor: float) -> np.ndarray:
+    betas = _betas(cfg)
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr"))
+    if zero_snr:
+        betas = _rescale_zero_terminal_snr(betas)
+    ac = _cumprod(1.0 - betas)
+    if zero_snr:
+        # Sigma space cannot hold the infinite sigma of zero SNR. Euler / DPM-Solver in diffusers set
+        # this floor (2**-24) themselves; DDIM / DDPM work in VP space with a true 0, so for them we
+        # use a smaller floor (2**-40, sigma 2**20), which keeps x0 within ~1e-6 of theirs.
+        ac[-1] = zero_snr_floor
+    return ac
+
+
+def _sigma(ac) -> np.ndarray:
+    ac = np.asarray(ac, np.float64)
+    return np.sqrt((1.0 - ac) / ac)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timestep spacings (each diffusers class has its own variant)
+
+
+def _spaced(cfg, n: int, linspace_round: bool) -> np.ndarray:
+    """DDIM / DDPM (linspace_round) and Euler / Heun timesteps, float64, descending."""
+    T, spacing = int(cfg["num_train_timesteps"]), cfg["timestep_spacing"]
+    if spacing == "linspace":
+        if linspace_round:
+            return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64).astype(np.float64)
+        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].astype(np.float64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float64) + cfg["steps_offset"]
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)).astype(np.int64).astype(np.float64) - 1
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported (linspace, leading, trailing)")
+
+
+def _dpm_spaced(cfg, n: int, last_timestep: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler's timesteps: n + 1 points with the last (0) dropped."""
+    T, spacing = int(cfg["num_train_timesteps"]), cfg["timestep_spacing"]
+    if spacing == "linspace":
+        return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = last_timestep // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg["steps_offset"]
+    if spacing == "trailing":
+        return np.arange(last_timestep, 0, -T / n).round().astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported (linspace, leading, trailing)")
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional timestep of each sigma: linear interpolation in log sigma (k-diffusion's
+    DiscreteSchedule.sigma_to_t), with diffusers' clipping at both ends."""
+    out = []
+    for sigma in np.asarray(sigmas, np.float64):
+        log_sigma = np.log(np.maximum(sigma, 1e-10))
+        dists = log_sigma - log_sigmas[:, None]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+        out.append(((1 - w) * low + w * (low + 1)).reshape(()))
+    return np.array(out)
+
+
+def _karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def _karras_range(cfg, default_min: float, default_max: float) -> tuple[float, float]:
+    lo = cfg.get("sigma_min")
+    hi = cfg.get("sigma_max")
+    return (float(default_min) if lo is None else float(lo), float(default_max) if hi is None else float(hi))
+
+
+def _pack(sigmas, timesteps, init_noise_sigma, sigmas_next=None, x0_clip=math.inf) -> Schedule:
+    sigmas = np.asarray(sigmas, np.float32)
+    return Schedule(
+        sigmas=sigmas,
+        timesteps=np.asarray(timesteps, np.float32),
+        init_noise_sigma=np.asarray(init_noise_sigma, np.float32),
+        sigmas_next=sigmas[1:].copy() if sigmas_next is None else np.asarray(sigmas_next, np.float32),
+        x0_clip=np.asarray(x0_clip, np.float32))
+
+
+def _clip_range(cfg) -> float:
+    return float(cfg["clip_sample_range"]) if cfg["clip_sample"] else math.inf
+
+
+def _check_steps_le_train(cfg, n: int) -> None:
+    if n > cfg["num_train_timesteps"]:
+        raise ValueError(f"num_steps={n} cannot exceed num_train_timesteps={cfg['num_train_timesteps']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# One builder per diffusers class
+
+
+def _ddim(cfg, n: int) -> Schedule:
+    """DDIMScheduler: integer timesteps; each step goes to t - T // n (or the final alpha)."""
+    _check_steps_le_train(cfg, n)
+    ac = _alphas_cumprod(cfg, zero_snr_floor=2.0 ** -40)
+    t = _spaced(cfg, n, linspace_round=True).astype(np.int64)
+    prev = t - int(cfg["num_train_timesteps"]) // n
+    final_ac = 1.0 if cfg["set_alpha_to_one"] else ac[0]
+    sigma_to = _sigma(np.where(prev >= 0, ac[np.maximum(prev, 0)], final_ac))
+    sigmas = np.concatenate([_sigma(ac[t]), sigma_to[-1:]])
+    # VP sampler: diffusers starts from unit noise, i.e. x = noise * sqrt(1 + sigma_0^2) here.
+    return _pack(sigmas, t, math.sqrt(1 + sigmas[0] ** 2), sigma_to, _clip_range(cfg))
+
+
+def _pndm(cfg, n: int) -> Schedule:
+    """PNDMScheduler with skip_prk_steps: DDIM's timesteps and t - T // n targets."""
+    if cfg["prediction_type"] != "epsilon":
+        # PNDM mixes raw model outputs across steps (v included) before converting them at the
+        # current step; our samplers only see x0, which reproduces that for eps models alone.
+        raise NotImplementedError("the pndm sampler supports prediction_type='epsilon' only")
+    ac = _alphas_cumprod(cfg, zero_snr_floor=2.0 ** -40)
+    t = _spaced(cfg, n, linspace_round=True).astype(np.int64)
+    ratio = int(cfg["num_train_timesteps"]) // n
+    if n > 1 and t[1] + ratio != t[0]:
+        # diffusers' warm-up step would start from sigma(t[1] + T // n), not from sigma(t[0]).
+        raise NotImplementedError(f"pndm with timestep_spacing={cfg['timestep_spacing']!r} and "
+                                  f"{n} steps is not supported; use leading spacing or another sampler")
+    prev = t - ratio
+    final_ac = 1.0 if cfg["set_alpha_to_one"] else ac[0]
+    sigma_to = _sigma(np.where(prev >= 0, ac[np.maximum(prev, 0)], final_ac))
+    sigmas = np.concatenate([_sigma(ac[t]), sigma_to[-1:]])
+    return _pack(sigmas, t, math.sqrt(1 + sigmas[0] ** 2), sigma_to)
+
+
+def _ddpm(cfg, n: int) -> Schedule:
+    """DDPMScheduler: integer timesteps; each step goes to the next listed one, the last to 0."""
+    _check_steps_le_train(cfg, n)
+    if cfg["variance_type"] not in ("fixed_small", "fixed_small_log"):
+        raise NotImplementedError(f"DDPM variance_type {cfg['variance_type']!r} is not supported "
+                                  "(fixed_small, fixed_small_log)")
+    ac = _alphas_cumprod(cfg, zero_snr_floor=2.0 ** -40)
+    t = _spaced(cfg, n, linspace_round=True).astype(np.int64)
+    sigmas = np.concatenate([_sigma(ac[t]), [0.0]])
+    return _pack(sigmas, t, math.sqrt(1 + sigmas[0] ** 2), None, _clip_range(cfg))
+
+
+def _k_style(cfg, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """Euler / Euler ancestral / Heun: fractional timesteps, sigmas interpolated linearly in t;
+    Karras sigmas between the interpolated ends, mapped back to fractional timesteps."""
+    ac = _alphas_cumprod(cfg, zero_snr_floor=2.0 ** -24)
+    full = np.sqrt((1 - ac) / ac)  # float32, as diffusers' torch tensor
+    t = _spaced(cfg, n, linspace_round=False).astype(np.float32)
+    sig = np.interp(t, np.arange(len(full)), full)
+    if karras:
+        sig = _karras(*_karras_range(cfg, sig[-1], sig[0]), n)
+        t = _sigma_to_t(sig, np.log(full))
+    sigmas = np.concatenate([sig, [0.0]]).astype(np.float32)
+    peak = float(sigmas.max())
+    # Leading spacing starts below sigma_max, so diffusers adds the unit variance of x_vp back.
+    init = peak if cfg["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(peak ** 2 + 1)
+    return sigmas, t, init
+
+
+def _euler(cfg, n: int) -> Schedule:
+    """EulerDiscreteScheduler."""
+    if cfg["interpolation_type"] != "linear":
+        raise NotImplementedError(f"interpolation_type {cfg['interpolation_type']!r} is not supported")
+    if cfg["final_sigmas_type"] != "zero":
+        # diffusers would return the sample at sigma_min unscaled, unlike every other sampler here.
+        raise NotImplementedError("EulerDiscreteScheduler final_sigmas_type='sigma_min' is not supported")
+    sigmas, t, init = _k_style(cfg, n, cfg["use_karras_sigmas"])
+    if cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
+        t = (0.25 * np.log(sigmas[:-1])).astype(np.float32)  # EDM-style c_noise
+    return _pack(sigmas, t, init)
+
+
+def _euler_ancestral(cfg, n: int) -> Schedule:
+    """EulerAncestralDiscreteScheduler."""
+    return _pack(*_k_style(cfg, n, karras=False))
+
+
+def _heun(cfg, n: int) -> Schedule:
+    """HeunDiscreteScheduler (its repeated-timestep bookkeeping collapsed to one entry per step)."""
+    cfg = dict(cfg, rescale_betas_zero_snr=False)  # not a HeunDiscreteScheduler option
+    sigmas, t, init = _k_style(cfg, n, cfg["use_karras_sigmas"])
+    return _pack(sigmas, t, init, None, _clip_range(cfg))
+
+
+def _dpm_solver(cfg, n: int) -> Schedule:
+    """DPMSolverMultistepScheduler (dpmsolver++ / sde-dpmsolver++, order 2)."""
+    if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
+        raise ValueError(f"final_sigmas_type {cfg['final_sigmas_type']!r} must be 'zero' or 'sigma_min'")
+    # Our multistep samplers take a first-order last step; diffusers does so for a zero final sigma,
+    # with euler_at_final, or with lower_order_final under 15 steps.
+    if cfg["final_sigmas_type"] != "zero" and not (
+            cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15)):
+        raise NotImplementedError("final_sigmas_type='sigma_min' needs euler_at_final=True or "
+                                  "lower_order_final=True with fewer than 15 steps")
+    ac = _alphas_cumprod(cfg, zero_snr_floor=2.0 ** -24)
+    T = int(cfg["num_train_timesteps"])
+    lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(1 - ac))  # float32, as diffusers
+    last = T - int(np.searchsorted(lambdas[::-1], cfg["lambda_min_clipped"]))
+    t = _dpm_spaced(cfg, n, last)
+    full = np.sqrt((1 - ac) / ac)
+    if cfg["use_karras_sigmas"]:
+        sig = _karras(*_karras_range(cfg, full[0], full[-1]), n)
+        t = _sigma_to_t(sig, np.log(full))
+        if cfg["beta_schedule"] != "squaredcos_cap_v2":
+            t = t.round()
+        t = t.astype(np.int64)  # diffusers stores int64 timesteps (truncating the cosine case)
+    else:
+        sig = np.interp(t, np.arange(len(full)), full)
+    final = 0.0 if cfg["final_sigmas_type"] == "zero" else _sigma(ac[0])
+    sigmas = np.concatenate([sig, [final]]).astype(np.float32)
+    return _pack(sigmas, t, math.sqrt(1 + float(sigmas[0]) ** 2))  # VP sampler: unit noise
+
+
+_BUILDERS = {
+    "DDIMScheduler": _ddim,
+    "DDPMScheduler": _ddpm,
+    "PNDMScheduler": _pndm,
+    "EulerDiscreteScheduler": _euler,
+    "EulerAncestralDiscreteScheduler": _euler_ancestral,
+    "HeunDiscreteScheduler": _heun,
+    "DPMSolverMultistepScheduler": _dpm_solver,
+}
