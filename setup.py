@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+TRAIN = ["tensorflow-cpu==2.21.0", "tensorflow-datasets==4.9.10", "importlib_resources>=6"]
+
 setup(
     name="jaxdiff",
     version="0.1.0",
@@ -20,8 +22,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
+        # Training data pipelines only; sampling never imports TensorFlow.
+        "train": TRAIN,
         # diffusers and torch only check parity in the tests; torch is pinned (an unpinned one
         # pulls a multi-GB CUDA build).
-        "test": ["pytest>=8", "torch==2.13.0", "diffusers==0.42.1", "safetensors>=0.4"],
+        "test": TRAIN + ["pytest>=8", "torch==2.13.0", "diffusers==0.42.1", "safetensors>=0.4"],
     },
 )

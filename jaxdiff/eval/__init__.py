@@ -1,0 +1,1 @@
+"""Evaluation of generated shapes images: `detector` (jaxdiff's own object detector and scorer)."""
