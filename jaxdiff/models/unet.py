@@ -8,7 +8,6 @@ port does not implement raise `ValueError` naming the field instead of being ign
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.config import with_defaults
 from jaxdiff.models.layers import (ACTIVATIONS, BlockSpec, DownBlock2D, TimestepEmbedding, UNetMidBlock2D,
                                    UpBlock2D, conv2d, get_activation, get_timestep_embedding, group_norm)
 
@@ -113,11 +113,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> UNetConfig:
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in _DEFAULTS)
-        if unknown:
-            # diffusers also ignores (with a warning) keys its __init__ does not take.
-            warnings.warn(f"UNet2DConditionModel config: ignoring unknown fields {unknown}", stacklevel=3)
-        cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _DEFAULTS}}
+        cfg = with_defaults(config, _DEFAULTS, "UNet2DConditionModel")
 
         # Features this port does not implement: fail loudly rather than compute something else.
         must_be = dict(class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None,

@@ -7,7 +7,6 @@ Built from a diffusers `vae/config.json` dict; submodules are named like the tor
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.config import with_defaults
 from jaxdiff.models.layers import (ACTIVATIONS, BlockSpec, DownBlock2D, UNetMidBlock2D, UpBlock2D, conv2d,
                                    group_norm)
 
@@ -48,10 +48,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> VAEConfig:
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in _DEFAULTS)
-        if unknown:
-            warnings.warn(f"AutoencoderKL config: ignoring unknown fields {unknown}", stacklevel=3)
-        cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _DEFAULTS}}
+        cfg = with_defaults(config, _DEFAULTS, "AutoencoderKL")
         n = len(cfg["block_out_channels"])
         for field, supported in (("down_block_types", "DownEncoderBlock2D"),
                                  ("up_block_types", "UpDecoderBlock2D")):
