@@ -188,14 +188,13 @@ def generate(models: Models, params, inputs: GenerateInputs, sampler: str, guida
 class Pipeline:
     """A loaded model: `generate(prompts, ...)` returns NumPy images [B, H, W, 3] in [0, 1]."""
 
-    def __init__(self, models: Models, params, tokenizers, scheduler_config: dict,
-                 defaults: dict, force_zeros_for_empty_prompt: bool = False, path: str | None = None):
+    def __init__(self, models: Models, params, tokenizers, configs: PipelineConfigs,
+                 defaults: dict, path: str | None = None):
         self.models = models
         self.params = params
         self.tokenizers = tuple(tokenizers)
-        self.scheduler_config = dict(scheduler_config)
+        self.configs = configs
         self.defaults = dict(defaults)
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.path = path
         self._generate = jax.jit(functools.partial(generate, models),
                                  static_argnames=("sampler", "guidance"))
@@ -265,13 +264,13 @@ class Pipeline:
             # original_size + crop top-left + target_size, as diffusers' SDXL pipeline with defaults.
             time_ids = jnp.tile(jnp.asarray([height, width, 0, 0, height, width], jnp.float32),
                                 (batch, 1))
-        zero_uncond = negative_prompts is None and self.force_zeros_for_empty_prompt
+        zero_uncond = negative_prompts is None and self.configs.force_zeros_for_empty_prompt
         inputs = GenerateInputs(
             ids=tuple(jnp.asarray(text.tokenize(t, prompts)) for t in self.tokenizers),
             uncond_ids=tuple(jnp.asarray(text.tokenize(t, negatives)) for t in self.tokenizers),
             uncond_keep=jnp.float32(0.0 if zero_uncond else 1.0),
             noise=noise,
-            schedule=schedules.make_schedule(sampler, self.scheduler_config, int(steps)),
+            schedule=schedules.make_schedule(sampler, self.configs.scheduler, int(steps)),
             guidance_scale=jnp.float32(guidance_scale),
             time_ids=time_ids,
             key=jax.random.fold_in(jax.random.key(seed), 1),
@@ -294,17 +293,15 @@ class Pipeline:
         return np.asarray(images, np.float32)
 
 
-def _component(index: dict, name: str) -> str | None:
-    entry = index.get(name)
-    return entry[1] if isinstance(entry, (list, tuple)) and entry[1] is not None else None
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
-
-
-def _param_shapes(module):
-    return jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"]
+@dataclasses.dataclass(frozen=True)
+class PipelineConfigs:
+    """The config dicts a pipeline is built from, as its diffusers folder stores them."""
+    pipeline_class: str
+    unet: dict
+    vae: dict
+    text_encoders: tuple[dict, ...]
+    scheduler: dict
+    force_zeros_for_empty_prompt: bool = False
 
 
 # The diffusers/transformers classes each jaxdiff module reads, with the tensor renaming it needs.
@@ -314,19 +311,80 @@ MODULE_FOR_CLASS = {
     "UNet2DConditionModel": (UNet2DConditionModel, None),
     "AutoencoderKL": (AutoencoderKL, None),
 }
+TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
-def _load_module(path, index, name, dtype, allow_pickle):
-    cls, rename = MODULE_FOR_CLASS.get(_component(index, name), (None, None))
-    if cls is None:
-        raise ValueError(f"{path}: component {name!r} is a {_component(index, name)}; jaxdiff reads "
-                         f"{', '.join(MODULE_FOR_CLASS)}")
-    folder = os.path.join(path, name)
-    config = diffusers_io.read_json(os.path.join(folder, "config.json"))
-    module = cls.from_config(config, dtype=dtype)
-    params = diffusers_io.load_component(folder, _param_shapes(module), what=name,
-                                         allow_pickle=allow_pickle, rename=rename)
-    return module, config, jax.tree.map(jnp.asarray, params)
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
+
+
+def build_models(configs: PipelineConfigs, dtype: Any = jnp.float32) -> Models:
+    """The linen modules and static numbers of a pipeline, from its configs (no params)."""
+    unet_config, vae_config = configs.unet, configs.vae
+    optional = lambda key: tuple(vae_config[key]) if vae_config.get(key) is not None else None
+    return Models(
+        text_encoders=tuple(CLIPTextModel.from_config(c, dtype=dtype) for c in configs.text_encoders),
+        unet=UNet2DConditionModel.from_config(unet_config, dtype=dtype),
+        vae=AutoencoderKL.from_config(vae_config, dtype=dtype),
+        family=family_of(configs.pipeline_class),
+        prediction_type=configs.scheduler.get("prediction_type", "epsilon"),
+        scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+        shift_factor=vae_config.get("shift_factor"),
+        latents_mean=optional("latents_mean"), latents_std=optional("latents_std"),
+        latent_channels=int(unet_config.get("in_channels", 4)),
+        vae_scale_factor=2 ** (len(vae_config.get("block_out_channels", (0,) * 4)) - 1),
+        sample_size=_pair(unet_config.get("sample_size", 64)))
+
+
+def param_shapes(module):
+    """The params pytree of a linen module as `jax.ShapeDtypeStruct`s (nothing allocated)."""
+    return jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"]
+
+
+def init_params(models: Models, key) -> dict:
+    """Random params for every component (training from scratch)."""
+    k_text, k_unet, k_vae = jax.random.split(key, 3)
+    init = lambda m, k: m.init(k, *m.dummy_inputs())["params"]
+    return {"text_encoders": tuple(init(m, k) for m, k in zip(
+                models.text_encoders, jax.random.split(k_text, len(models.text_encoders)))),
+            "unet": init(models.unet, k_unet), "vae": init(models.vae, k_vae)}
+
+
+def default_settings(configs: PipelineConfigs) -> dict:
+    """Sampler, steps and guidance a folder generates with unless it names its own."""
+    sampler = SAMPLER_FOR_SCHEDULER.get(configs.scheduler.get("_class_name"), "euler")
+    if configs.scheduler.get("use_karras_sigmas") and sampler + "_karras" in schedules.SAMPLER_NAMES:
+        sampler += "_karras"
+    if sampler not in schedules.SAMPLER_NAMES:
+        sampler = "euler"
+    return {"sampler": sampler, "steps": 50,
+            "guidance_scale": family_of(configs.pipeline_class).guidance_scale}
+
+
+def _component(index: dict, name: str) -> str | None:
+    entry = index.get(name)
+    return entry[1] if isinstance(entry, (list, tuple)) and entry[1] is not None else None
+
+
+def read_configs(path: str) -> PipelineConfigs:
+    """The configs of a diffusers pipeline folder, checking that jaxdiff reads each component."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    index = diffusers_io.read_json(os.path.join(path, "model_index.json"))
+    component_config = lambda name: diffusers_io.read_json(os.path.join(path, name, "config.json"))
+    for name in ("unet", "vae") + tuple(e for e, _ in TEXT_COMPONENTS):
+        cls = _component(index, name)
+        if cls is not None and cls not in MODULE_FOR_CLASS:
+            raise ValueError(f"{path}: component {name!r} is a {cls}; jaxdiff reads "
+                             f"{', '.join(MODULE_FOR_CLASS)}")
+    text_configs = tuple(component_config(e) for e, _ in TEXT_COMPONENTS if _component(index, e))
+    if not text_configs:
+        raise ValueError(f"{path}: model_index.json names no text encoder")
+    return PipelineConfigs(
+        pipeline_class=index.get("_class_name", ""), unet=component_config("unet"),
+        vae=component_config("vae"), text_encoders=text_configs,
+        scheduler=diffusers_io.read_json(os.path.join(path, "scheduler", "scheduler_config.json")),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
 
 
 def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: bool = False) -> Pipeline:
@@ -340,49 +398,22 @@ def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: boo
 
     if path is None:
         raise ValueError("no model path given (the bundled default model is not part of this build)")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    configs = read_configs(path)
+    models = build_models(configs, dtype)
     index = diffusers_io.read_json(os.path.join(path, "model_index.json"))
-    family = family_of(index.get("_class_name", ""))
 
-    tokenizers, encoders, text_params = [], [], []
-    for suffix in ("", "_2"):
-        if _component(index, "text_encoder" + suffix) is None:
-            continue
-        module, _, params = _load_module(path, index, "text_encoder" + suffix, dtype, allow_pickle)
-        encoders.append(module)
-        text_params.append(params)
-        tokenizers.append(CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer" + suffix)))
-    if not encoders:
-        raise ValueError(f"{path}: model_index.json names no text encoder")
-    unet, unet_config, unet_params = _load_module(path, index, "unet", dtype, allow_pickle)
-    vae, vae_config, vae_params = _load_module(path, index, "vae", dtype, allow_pickle)
-    scheduler_config = diffusers_io.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    def load_params(name, module):
+        rename = MODULE_FOR_CLASS[_component(index, name)][1]
+        params = diffusers_io.load_component(os.path.join(path, name), param_shapes(module),
+                                             what=name, allow_pickle=allow_pickle, rename=rename)
+        return jax.tree.map(jnp.asarray, params)
 
-    optional = lambda key: tuple(vae_config[key]) if vae_config.get(key) is not None else None
-    models = Models(
-        text_encoders=tuple(encoders), unet=unet, vae=vae, family=family,
-        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-        scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
-        shift_factor=vae_config.get("shift_factor"),
-        latents_mean=optional("latents_mean"), latents_std=optional("latents_std"),
-        latent_channels=int(unet_config.get("in_channels", 4)),
-        vae_scale_factor=2 ** (len(vae_config.get("block_out_channels", (0,) * 4)) - 1),
-        sample_size=_pair(unet_config.get("sample_size", 64)))
-
-    defaults = {
-        "sampler": SAMPLER_FOR_SCHEDULER.get(scheduler_config.get("_class_name"), "euler"),
-        "steps": 50, "guidance_scale": family.guidance_scale,
-    }
-    if scheduler_config.get("use_karras_sigmas") and defaults["sampler"] + "_karras" in schedules.SAMPLER_NAMES:
-        defaults["sampler"] += "_karras"
-    if defaults["sampler"] not in schedules.SAMPLER_NAMES:
-        defaults["sampler"] = "euler"
+    present = [(e, t) for e, t in TEXT_COMPONENTS if _component(index, e)]
+    params = {"text_encoders": tuple(load_params(e, m) for (e, _), m in zip(present, models.text_encoders)),
+              "unet": load_params("unet", models.unet), "vae": load_params("vae", models.vae)}
+    tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(path, t)) for _, t in present]
+    defaults = default_settings(configs)
     defaults_file = os.path.join(path, JAXDIFF_DEFAULTS_FILE)
     if os.path.exists(defaults_file):
         defaults.update(diffusers_io.read_json(defaults_file))
-
-    params = {"text_encoders": tuple(text_params), "unet": unet_params, "vae": vae_params}
-    return Pipeline(models, params, tokenizers, scheduler_config, defaults,
-                    force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
-                    path=path)
+    return Pipeline(models, params, tokenizers, configs, defaults, path=path)
