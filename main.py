@@ -48,14 +48,48 @@ def generate(args) -> int:
     return 0
 
 
+def train(argv) -> int:
+    """`main.py train --config configs/NAME.py[:ARG] --workdir DIR [--config.key=value ...]`."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    import jax
+
+    from jaxdiff.train import loop
+
+    FLAGS = flags.FLAGS
+    if "config" not in FLAGS:
+        config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
+        flags.DEFINE_string("workdir", None, "run directory; an existing run resumes from its newest checkpoint")
+    try:
+        FLAGS(["main.py train"] + list(argv))
+    except flags.Error as e:  # unknown flag or config key, bad value: name it, no traceback
+        raise ValueError(str(e)) from None
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise ValueError("train needs --config configs/NAME.py and --workdir DIR")
+    logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+    loop.train(FLAGS.config, FLAGS.workdir)
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sub.add_parser("train", help="train from a config (flags: --config, --workdir, --config.KEY=VALUE)",
+                   add_help=False)
+    if argv[:1] == ["train"]:  # absl owns the flags of `train` (ml_collections config overrides)
+        return _report_errors(train, argv[1:])
     args = parser.parse_args(argv)
+    return _report_errors({"generate": generate}[args.command], args)
+
+
+def _report_errors(command, args) -> int:
     try:
-        return {"generate": generate}[args.command](args)
+        return command(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,3 +60,26 @@ def encode(encoders, params, ids, spec: TextConditioning):
         raise ValueError("this pipeline needs a pooled text embedding, but no text encoder has a "
                          "projection (CLIPTextModelWithProjection)")
     return jnp.concatenate(contexts, axis=-1), (pooled if spec.pooled else None)
+
+
+def build_tokenizer(words: Sequence[str], model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A CLIP BPE tokenizer for a model trained from scratch: every byte, plus merges that make
+    each of `words` one token (so a small closed vocabulary costs one embedding per word)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges = []
+    for word in words:
+        prefix = word[0]
+        for k, ch in enumerate(word[1:], start=1):  # w+o -> wo, wo+r -> wor, ... last one word-final
+            piece = ch + ("</w>" if k == len(word) - 1 else "")
+            merges.append((prefix, piece))
+            prefix += piece
+            vocab.setdefault(prefix, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>", pad_token):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), pad_token=pad_token,
+                         model_max_length=model_max_length)

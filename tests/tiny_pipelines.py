@@ -19,37 +19,10 @@ WORDS = ("a", "red", "green", "blue", "yellow", "purple", "orange", "circle", "s
          "to", "the", "left", "right", "of", "above", "below", "cat", "photo")
 
 
-def byte_level_vocab(words=WORDS):
-    """A CLIP BPE vocabulary: every byte (alone and word-final), merges that spell `words`, specials."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges = []
-    for word in words:
-        if len(word) < 2:
-            continue
-        # Merge left to right: w + o -> wo, wo + r -> wor, ..., the last with the end-of-word suffix.
-        prefix = word[0]
-        for k, ch in enumerate(word[1:], start=1):
-            piece = ch + ("</w>" if k == len(word) - 1 else "")
-            merges.append((prefix, piece))
-            prefix = prefix + piece
-            vocab.setdefault(prefix, len(vocab))
-    merges = list(dict.fromkeys(merges))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
-
-
 def make_tokenizer(pad_token="<|endoftext|>"):
-    from transformers import CLIPTokenizer
+    from jaxdiff.text import build_tokenizer
 
-    vocab, merges = byte_level_vocab()
-    if pad_token not in vocab:
-        vocab[pad_token] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+    return build_tokenizer(WORDS, model_max_length=77, pad_token=pad_token)
 
 
 def _text_encoder(tokenizer, hidden=32, layers=3, act="quick_gelu", projection_dim=None, seed=0):

@@ -36,6 +36,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [
         ShapesConfig(name="res64", description="64x64, 50k train / 1k validation."),
         ShapesConfig(name="res128", resolution=128, description="128x128, 50k train / 1k validation."),
+        ShapesConfig(name="tiny", num_train=256, num_validation=64,
+                     description="64x64, 256 train / 64 validation: for smoke tests."),
     ]
     DEFAULT_CONFIG_NAME = "res64"
 

@@ -204,6 +204,11 @@ def _alphas_cumprod(cfg, zero_snr_floor: float) -> np.ndarray:
     return ac
 
 
+def alphas_cumprod(scheduler_config: Mapping) -> np.ndarray:
+    """The training noise schedule: cumulative alphas [num_train_timesteps], float32."""
+    return _alphas_cumprod(resolve_config("ddpm", scheduler_config), zero_snr_floor=0.0)
+
+
 def _sigma(ac) -> np.ndarray:
     ac = np.asarray(ac, np.float64)
     return np.sqrt((1.0 - ac) / ac)

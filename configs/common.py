@@ -1,0 +1,76 @@
+"""Fields every training config has, with their defaults (a config overrides what it needs)."""
+
+import ml_collections
+
+SHAPES_WORDS = ("a", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square",
+                "triangle", "to", "the", "left", "right", "of", "above", "below")
+
+# Stable Diffusion's noise schedule (scaled_linear 0.00085..0.012), as its scheduler_config.json has it.
+SD_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085,
+                    beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
+                    timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                    clip_sample=False)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "unet"  # "unet" (diffusion objective) or "vae" (reconstruction + KL)
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()  # components built from scratch (diffusers config dicts)
+    c.model.pipeline_class = "StableDiffusionPipeline"
+    c.model.unet = {}
+    c.model.vae = {}
+    c.model.text_encoder = {}
+    c.model.scheduler = dict(SD_SCHEDULER)
+    c.model.tokenizer_words = SHAPES_WORDS
+    c.model.max_length = 77
+
+    c.init = ml_collections.ConfigDict()  # components taken from a diffusers folder or a run dir
+    c.init.path = ""
+    c.init.components = ()  # of "text_encoders", "unet", "vae"
+    c.init.calibrate_scaling_factor = False  # set the VAE's scaling_factor to 1/std of its latents
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # "tfds" or "folder"
+    c.data.name = "shapes"
+    c.data.config = "res64"
+    c.data.split = "train"
+    c.data.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+    c.data.folder = ""  # a captioned image folder when source == "folder"
+    c.data.resolution = 64
+    c.data.on_bad_image = "skip"  # or "error"
+    c.data.flip = False  # random horizontal flips break left/right captions
+    c.data.prefetch = 2
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 64  # global, over all hosts
+    c.train.optimizer = "adamw"  # or "sgd"
+    c.train.learning_rate = 1e-4
+    c.train.lr_schedule = "cosine"  # or "constant" (both after linear warm-up)
+    c.train.warmup_steps = 100
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.weight_decay = 1e-2
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.999
+    c.train.compute_dtype = "float32"
+    c.train.caption_dropout = 0.1  # empty prompt this often, for classifier-free guidance
+    c.train.min_snr_gamma = 0.0  # 0 = off; 5 is the paper's value
+    c.train.train_text_encoder = True
+    c.train.sample_posterior = True  # VAE latents: a posterior sample (True) or its mean
+    c.train.kl_weight = 1e-6  # vae mode
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every = 50
+    c.sample_every = 0  # 0 = never
+    c.sample_prompts = ("a red circle", "a blue square above a yellow triangle")
+
+    c.export = ml_collections.ConfigDict()
+    c.export.defaults = dict(sampler="dpmpp_2m", steps=20, guidance_scale=5.0)
+    return c

@@ -1,0 +1,46 @@
+"""Stage 2 of the bundled model: a text-conditioned U-Net (and CLIP-style text encoder) trained
+from scratch on the latents of the stage-1 VAE.
+
+    python main.py train --config configs/shapes_unet.py --workdir runs/shapes_unet \
+        --config.init.path=runs/shapes_vae
+"""
+
+from configs import common, shapes_vae
+
+UNET = dict(_class_name="UNet2DConditionModel", sample_size=8, in_channels=4, out_channels=4,
+            block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=128, attention_head_dim=4)
+TEXT_ENCODER = dict(architectures=["CLIPTextModel"], hidden_size=128, intermediate_size=512,
+                    num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu",
+                    projection_dim=128)
+
+
+def get_config(arg=None):
+    c = common.base_config()
+    c.mode = "unet"
+    c.model.unet = dict(UNET)
+    c.model.text_encoder = dict(TEXT_ENCODER)
+    c.model.vae = dict(shapes_vae.VAE)
+    c.model.max_length = 16  # captions of the shapes grammar are at most 12 tokens with BOS/EOS
+    c.init.path = "runs/shapes_vae"
+    c.init.components = ("vae",)
+    c.init.calibrate_scaling_factor = True
+    c.train.steps = 12000
+    c.train.batch_size = 64
+    c.train.learning_rate = 3e-4
+    c.train.warmup_steps = 300
+    c.train.min_snr_gamma = 5.0
+    c.train.ema_decay = 0.999
+    c.sample_every = 1000
+    if arg == "tiny":
+        c.model.unet = dict(shapes_vae.TINY_UNET)
+        c.model.text_encoder = dict(shapes_vae.TINY_TEXT)
+        c.model.vae = dict(shapes_vae.VAE, block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
+        c.init.path, c.init.components = "", ()
+        c.data.config = "tiny"
+        c.train.steps, c.train.batch_size, c.train.warmup_steps = 4, 4, 1
+        c.checkpoint.every, c.log_every, c.sample_every = 2, 1, 0
+        c.export.defaults = dict(sampler="euler", steps=2, guidance_scale=3.0)
+    return c

@@ -1,0 +1,247 @@
+"""`train(config, workdir)`: build or load the pipeline, resume, run the jitted step, log, save.
+
+A run's workdir holds everything needed to resume or export it:
+  config.json          the full config of the run
+  pipeline.json        the configs of the pipeline being trained (diffusers config dicts)
+  tokenizer*/          its tokenizers
+  checkpoints/         Orbax checkpoints of the TrainState
+  metrics.csv          scalars per logged step (plot with any CSV tool)
+  samples/             images at intervals
+Restarting the same command resumes from the newest checkpoint; the batch and the random key of a
+step depend only on (seed, step), so a resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxdiff import pipeline as P
+from jaxdiff import text
+from jaxdiff.images import save_pngs
+from jaxdiff.train import data, step as step_lib
+from jaxdiff.train.checkpoint import Checkpointer
+
+RUN_CONFIG, RUN_PIPELINE = "config.json", "pipeline.json"
+COMPONENTS = ("text_encoders", "unet", "vae")
+
+
+def _load_init(path: str) -> P.Pipeline:
+    """A diffusers folder, or the newest checkpoint of a jaxdiff run directory."""
+    if os.path.exists(os.path.join(path, RUN_CONFIG)):
+        return restore_pipeline(path)
+    return P.load(path)
+
+
+def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
+    """(configs, params, tokenizers) the run starts from: components named in `config.init`
+    come from `config.init.path`, the rest are built from `config.model` with random weights."""
+    take = tuple(config.init.components) if config.init.path else ()
+    unknown = set(take) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown init.components {sorted(unknown)}; choose from {COMPONENTS}")
+    base = _load_init(config.init.path) if take else None
+    if base is not None and "text_encoders" in take:
+        tokenizers = list(base.tokenizers)
+    else:
+        tokenizers = [text.build_tokenizer(config.model.tokenizer_words, config.model.max_length)]
+    if len(take) == len(COMPONENTS):
+        configs = base.configs
+    else:
+        tok = tokenizers[0]
+        # The vocabulary and special ids follow the tokenizer, so config and tokenizer cannot disagree.
+        encoder = {**config.model.text_encoder.to_dict(), "vocab_size": len(tok),
+                   "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id, "max_position_embeddings": tok.model_max_length}
+        configs = P.PipelineConfigs(
+            pipeline_class=config.model.pipeline_class, unet=config.model.unet.to_dict(),
+            vae=config.model.vae.to_dict(), text_encoders=(encoder,),
+            scheduler=config.model.scheduler.to_dict())
+        if base is not None:
+            configs = dataclasses.replace(configs, **{k: getattr(base.configs, k) for k in take})
+    params = P.init_params(P.build_models(configs), jax.random.key(config.seed))
+    if base is not None:
+        params.update({k: base.params[k] for k in take})
+    return configs, params, tokenizers
+
+
+def calibrate_scaling_factor(configs: P.PipelineConfigs, vae_params, source, config,
+                             num_images: int = 512) -> P.PipelineConfigs:
+    """Sets the VAE's scaling_factor to 1 / std of its latents on the training data, as Stable
+    Diffusion chose 0.18215, so the diffusion model sees unit-variance latents."""
+    models = P.build_models(dataclasses.replace(configs, vae={**configs.vae, "scaling_factor": 1.0,
+                                                              "shift_factor": None}))
+    encode = jax.jit(lambda p, x: P.encode_images(models, p, x))
+    latents = [np.asarray(encode(vae_params, data.batch_at(source, i, 64, config.seed)["images"] / 2 + 0.5))
+               for i in range(max(1, num_images // 64))]
+    factor = float(1.0 / np.std(np.concatenate(latents)))
+    logging.info("VAE scaling_factor calibrated to %.5f", factor)
+    return dataclasses.replace(configs, vae={**configs.vae, "scaling_factor": factor})
+
+
+def _write_run_files(workdir, config, configs, tokenizers):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, RUN_PIPELINE), "w") as f:
+        json.dump(dataclasses.asdict(configs), f, indent=2)
+    for tok, (_, name) in zip(tokenizers, P.TEXT_COMPONENTS):
+        tok.save_pretrained(os.path.join(workdir, name))
+
+
+def read_run(workdir: str):
+    """(config, configs, tokenizers) of an existing run directory."""
+    from transformers import CLIPTokenizer
+
+    path = os.path.join(workdir, RUN_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} is not a jaxdiff run directory (no {RUN_CONFIG})")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(workdir, RUN_PIPELINE)) as f:
+        raw = json.load(f)
+    configs = P.PipelineConfigs(**{**raw, "text_encoders": tuple(raw["text_encoders"])})
+    tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(workdir, name))
+                  for _, name in P.TEXT_COMPONENTS[:len(configs.text_encoders)]]
+    return config, configs, tokenizers
+
+
+def abstract_state(config, configs, optimizer):
+    """The TrainState's structure and shapes, computed without allocating it."""
+    models = P.build_models(configs)
+    return jax.eval_shape(lambda: step_lib.create_state(
+        P.init_params(models, jax.random.key(0)), config, optimizer))
+
+
+def restore_pipeline(workdir: str, use_ema: bool = True) -> P.Pipeline:
+    """The newest checkpoint of a run as a `Pipeline` (EMA weights by default)."""
+    config, configs, tokenizers = read_run(workdir)
+    optimizer = step_lib.make_optimizer(config)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
+    state = ckpt.restore_latest(abstract_state(config, configs, optimizer))
+    ckpt.close()
+    if state is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+    models = P.build_models(configs)
+    return P.Pipeline(models, state.pipeline_params(use_ema), tokenizers, configs,
+                      dict(config.export.defaults), path=workdir)
+
+
+class MetricsLog:
+    """Appends scalars to `metrics.csv` (one row per logged step, columns fixed by the first)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fields = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        new = not os.path.exists(self.path)
+        if self.fields is None:
+            self.fields = list(row) if new else next(csv.reader(open(self.path)))
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def _batch_fn(config, source, tokenizers, models):
+    """step -> the host's batch for that step: images in [-1, 1], token ids, empty-prompt ids."""
+    per_host = config.train.batch_size // jax.process_count()
+    empty = tuple(np.repeat(text.tokenize(t, [""]), per_host, axis=0) for t in tokenizers)
+
+    def load(step):
+        raw = data.batch_at(source, step, config.train.batch_size, config.seed,
+                            jax.process_index(), jax.process_count(), flip=config.data.flip)
+        batch = {"images": raw["images"],
+                 "ids": tuple(text.tokenize(t, raw["captions"]) for t in tokenizers),
+                 "empty_ids": empty}
+        if models.family.micro_conditioning:
+            h, w = raw["images"].shape[1:3]
+            batch["time_ids"] = np.tile(np.float32([h, w, 0, 0, h, w]), (per_host, 1))
+        return batch
+
+    return load
+
+
+def _save_samples(config, state, models, configs, tokenizers, batch, workdir, step):
+    out = os.path.join(workdir, "samples")
+    params = state.pipeline_params(use_ema=True)
+    if config.mode == "vae":
+        recon = P.decode(models, params["vae"], P.encode_images(models, params["vae"],
+                                                               batch["images"][:8] / 2 + 0.5))
+        grid = np.concatenate([batch["images"][:8] / 2 + 0.5, np.asarray(recon)], axis=2)
+    else:
+        pipe = P.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults))
+        grid = pipe.generate(list(config.sample_prompts), seed=0)
+    save_pngs(np.concatenate(list(grid), axis=0)[None], out, prefix=f"step_{step:07d}")
+
+
+def train(config, workdir: str, until_step: int | None = None) -> step_lib.TrainState:
+    """Runs (or resumes) the training described by `config` in `workdir`; returns the final state.
+
+    `until_step` stops early after saving a checkpoint there, as a preempted job would (the
+    schedule still spans `config.train.steps`).
+    """
+    from tqdm import tqdm
+
+    configs, params, tokenizers = build_pipeline(config)
+    source = data.make_source(config.data)
+    run_exists = os.path.exists(os.path.join(workdir, RUN_PIPELINE))
+    if run_exists:
+        # A resumed run keeps the pipeline configs it started with (calibrated numbers included).
+        _, configs, _ = read_run(workdir)
+    elif config.init.calibrate_scaling_factor:
+        configs = calibrate_scaling_factor(configs, params["vae"], source, config)
+    if jax.process_index() == 0 and not run_exists:
+        _write_run_files(workdir, config, configs, tokenizers)
+    models = P.build_models(configs, dtype=jnp.dtype(config.train.compute_dtype))
+    optimizer = step_lib.make_optimizer(config)
+    state = step_lib.create_state(params, config, optimizer)
+    del params
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state = restored
+        logging.info("resumed from step %d", int(state.step))
+    start = int(state.step)
+
+    train_step = jax.jit(step_lib.make_train_step(models, config, optimizer), donate_argnums=(0,))
+    rng = jax.random.key(config.seed)
+    log = MetricsLog(os.path.join(workdir, "metrics.csv")) if jax.process_index() == 0 else None
+    total = config.train.steps
+    stop = total if until_step is None else min(until_step, total)
+    bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True)
+    t0, done = time.perf_counter(), 0
+    with data.Prefetcher(_batch_fn(config, source, tokenizers, models), start,
+                         depth=config.data.prefetch) as batches:
+        for step, batch in batches:
+            if step >= stop:
+                break
+            state, metrics = train_step(state, batch, rng)
+            done += 1
+            if (step + 1) % config.log_every == 0 or step + 1 == total:
+                metrics = jax.device_get(metrics)
+                rate = done / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{rate:.2f}")
+                if log:
+                    log.write(step + 1, {**metrics, "steps_per_s": rate})
+            bar.update(1)
+            ckpt.save(step + 1, state, force=step + 1 == stop)
+            if config.sample_every and (step + 1) % config.sample_every == 0 and jax.process_index() == 0:
+                _save_samples(config, state, models, configs, tokenizers, batch, workdir, step + 1)
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    return state
