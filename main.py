@@ -1,4 +1,4 @@
-"""jaxdiff command line: `python main.py generate ...` (train, eval and export come with training).
+"""jaxdiff command line: `python main.py {generate,train,eval,export} ...`.
 
 Thin on purpose: parse flags, log the devices, hand over to the library.
 """
@@ -48,6 +48,52 @@ def generate(args) -> int:
     return 0
 
 
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="prompt adherence on random shapes captions")
+    p.add_argument("--model", default=None, help="a diffusers pipeline folder (default: the bundled model)")
+    p.add_argument("--n", type=int, default=200, help="number of captions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--save", default=None, help="also write the images and captions to this folder")
+
+
+def evaluate(args) -> int:
+    import jaxdiff
+    from jaxdiff.eval import prompt_adherence
+    from jaxdiff.images import save_pngs
+
+    pipe = jaxdiff.load(args.model)
+    scores, captions, images = prompt_adherence.evaluate(
+        pipe, n=args.n, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
+        guidance_scale=args.cfg, sampler=args.sampler)
+    if args.save:
+        save_pngs(images, args.save)
+        with open(f"{args.save}/captions.txt", "w") as f:
+            f.write("\n".join(captions) + "\n")
+    print(prompt_adherence.format_scores(scores))
+    return 0
+
+
+def _export_parser(sub):
+    p = sub.add_parser("export", help="write a training run's newest checkpoint as a diffusers folder")
+    p.add_argument("ckpt_dir", help="the run directory (--workdir of train)")
+    p.add_argument("out_dir", help="the diffusers folder to write")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def export(args) -> int:
+    from jaxdiff.train import loop
+    from jaxdiff.weights import export as export_lib
+
+    pipe = loop.restore_pipeline(args.ckpt_dir, use_ema=not args.raw)
+    print(export_lib.save(pipe, args.out_dir, overwrite=args.overwrite))
+    return 0
+
+
 def train(argv) -> int:
     """`main.py train --config configs/NAME.py[:ARG] --workdir DIR [--config.key=value ...]`."""
     from absl import flags
@@ -78,13 +124,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _eval_parser(sub)
+    _export_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     sub.add_parser("train", help="train from a config (flags: --config, --workdir, --config.KEY=VALUE)",
                    add_help=False)
     if argv[:1] == ["train"]:  # absl owns the flags of `train` (ml_collections config overrides)
         return _report_errors(train, argv[1:])
     args = parser.parse_args(argv)
-    return _report_errors({"generate": generate}[args.command], args)
+    return _report_errors({"generate": generate, "eval": evaluate, "export": export}[args.command], args)
 
 
 def _report_errors(command, args) -> int:

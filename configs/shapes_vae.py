@@ -7,9 +7,9 @@
 from configs import common
 
 VAE = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
-           block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+           block_out_channels=(16, 32, 64, 64), layers_per_block=1,
            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-           norm_num_groups=32, sample_size=64, scaling_factor=1.0)
+           norm_num_groups=16, sample_size=64, scaling_factor=1.0)
 
 
 def get_config(arg=None):

@@ -43,6 +43,12 @@ def read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def write_json(path: str, obj: Mapping) -> None:
+    """Writes `obj` as JSON, indented, keys sorted."""
+    with open(path, "w") as f:
+        json.dump(dict(obj), f, indent=2, sort_keys=True)
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Every tensor of a .safetensors file as a NumPy array backed by a read-only memory map."""
     with open(path, "rb") as f:
@@ -145,7 +151,6 @@ def load_component(folder: str, param_shapes, what: str, allow_pickle: bool = Fa
 def save_component(folder: str, config: Mapping, params, weights_name: str) -> None:
     """Writes `config.json` and the params as torch-named float32 safetensors."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
+    write_json(os.path.join(folder, "config.json"), config)
     tensors = {k: np.asarray(v, np.float32) for k, v in to_state_dict(params).items()}
     write_safetensors(os.path.join(folder, weights_name), tensors)

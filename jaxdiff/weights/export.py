@@ -1,0 +1,204 @@
+"""Writing a pipeline back out as a diffusers folder that diffusers, transformers and jaxdiff all load.
+
+    jaxdiff.weights.export.save(pipe, "out/my-model")                  # a loaded or trained Pipeline
+    save_pipeline("out/my-model", configs, params, tokenizers, defaults)  # the parts, e.g. from training
+
+Configs read from a folder keep every field they had; hand-written ones (a model trained from
+scratch) get what the libraries need to load them: class names, versions, the text encoders'
+`architectures`/`model_type` and token ids. Weights are float32 safetensors under the torch names,
+text encoders under the hub's `text_model.` prefix, which every transformers version loads.
+
+The folder is written into a hidden sibling and renamed into place at the end, so a crash leaves
+no half-written model at `path`; a non-empty `path` is only replaced with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flax import traverse_util
+
+from jaxdiff import pipeline as pipeline_lib
+from jaxdiff.models import clip
+from jaxdiff.sampling import schedules
+from jaxdiff.weights.convert import WeightError
+from jaxdiff.weights.diffusers import save_component, write_json
+
+# Written when the library that would read a field is not installed here.
+FALLBACK_VERSIONS = {"diffusers": "0.30.0", "transformers": "4.44.0"}
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TEXT_WEIGHTS = "model.safetensors"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return FALLBACK_VERSIONS[package]
+
+
+def _is_xl(pipeline_class: str) -> bool:
+    return pipeline_lib.family_of(pipeline_class) is pipeline_lib.FAMILIES["StableDiffusionXLPipeline"]
+
+
+def diffusers_config(config: Mapping, class_name: str) -> dict:
+    """A unet/vae config with the bookkeeping diffusers reads (the folder's own values win)."""
+    return {"_diffusers_version": _version("diffusers"), **config, "_class_name": class_name}
+
+
+def text_encoder_class(model: clip.CLIPTextModel) -> str:
+    return "CLIPTextModelWithProjection" if model.with_projection else "CLIPTextModel"
+
+
+def text_encoder_config(config: Mapping, model: clip.CLIPTextModel, tokenizer) -> dict:
+    """A transformers `CLIPTextConfig` dict that builds the same model as `model`."""
+    # Every field the forward pass reads, explicit, so transformers' defaults cannot differ from ours.
+    resolved = dataclasses.asdict(model.config)
+    # bos/pad ids are not read by the forward pass, but transformers warns when they lie outside the
+    # vocabulary (its defaults do, for a small from-scratch vocabulary). eos_token_id is left as the
+    # model computed with: it chooses the pooled token.
+    token_ids = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return {"transformers_version": _version("transformers"), **token_ids, **config, **resolved,
+            "architectures": [text_encoder_class(model)], "model_type": "clip_text_model",
+            # transformers >= 4.56 reads `dtype`, older versions `torch_dtype`; weights are float32.
+            "dtype": "float32", "torch_dtype": "float32"}
+
+
+def scheduler_config(config: Mapping, defaults: Mapping | None) -> dict:
+    """The scheduler config with its diffusers class, taken from the default sampler if unnamed."""
+    config = dict(config)
+    if "_class_name" not in config:
+        sampler = (defaults or {}).get("sampler")
+        if sampler not in schedules.COUNTERPARTS:
+            raise ValueError("the scheduler config has no _class_name (e.g. 'DDIMScheduler') and no "
+                             "default sampler to take one from")
+        class_name, overrides = schedules.COUNTERPARTS[sampler]
+        config = {**config, **overrides, "_class_name": class_name}
+    return {"_diffusers_version": _version("diffusers"), **config}
+
+
+def model_index(configs: pipeline_lib.PipelineConfigs, text_classes: Sequence[str],
+                tokenizers: Sequence, scheduler_class: str) -> dict:
+    """`model_index.json`: the pipeline class and the library and class of every component."""
+    index = {"_class_name": configs.pipeline_class, "_diffusers_version": _version("diffusers"),
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", scheduler_class],
+             # Optional components this pipeline does not have, named so diffusers does not look.
+             "feature_extractor": [None, None], "image_encoder": [None, None]}
+    for (encoder, tokenizer_name), cls, tokenizer in zip(pipeline_lib.TEXT_COMPONENTS, text_classes,
+                                                         tokenizers):
+        index[encoder] = ["transformers", cls]
+        index[tokenizer_name] = ["transformers", type(tokenizer).__name__]
+    if _is_xl(configs.pipeline_class):
+        index["force_zeros_for_empty_prompt"] = configs.force_zeros_for_empty_prompt
+    else:
+        index.update(safety_checker=[None, None], requires_safety_checker=False)
+        if configs.force_zeros_for_empty_prompt:  # not a diffusers SD option, but jaxdiff honours it
+            index["force_zeros_for_empty_prompt"] = True
+    return index
+
+
+def check_params(models: pipeline_lib.Models, params) -> None:
+    """Raises `WeightError` unless every component's params fit the module its config builds."""
+    encoders, given = models.text_encoders, params["text_encoders"]
+    if len(given) != len(encoders):
+        raise WeightError(f"{len(given)} text encoder param trees for {len(encoders)} text encoder configs")
+    parts = [("unet", models.unet, params["unet"]), ("vae", models.vae, params["vae"])]
+    parts += [(f"text_encoders[{i}]", m, p) for i, (m, p) in enumerate(zip(encoders, given))]
+    for what, module, tree in parts:
+        want = traverse_util.flatten_dict(dict(pipeline_lib.param_shapes(module)))
+        got = traverse_util.flatten_dict(dict(tree))
+        bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k].shape != np.shape(got[k])]
+        if bad:
+            key = bad[0]
+            detail = (f"missing {'/'.join(key)}" if key not in got else
+                      f"unexpected {'/'.join(key)}" if key not in want else
+                      f"{'/'.join(key)} has shape {np.shape(got[key])}, expected {want[key].shape}")
+            raise WeightError(f"{what} params do not fit its config: {detail}")
+
+
+def write_folder(folder: str, configs: pipeline_lib.PipelineConfigs, params, tokenizers: Sequence,
+                 defaults: Mapping | None) -> None:
+    """Writes every file of the pipeline into the existing, empty `folder`."""
+    models = pipeline_lib.build_models(configs)
+    check_params(models, params)
+    if len(tokenizers) != len(models.text_encoders):
+        raise ValueError(f"{len(tokenizers)} tokenizers for {len(models.text_encoders)} text encoders")
+    save_component(os.path.join(folder, "unet"), diffusers_config(configs.unet, "UNet2DConditionModel"),
+                   params["unet"], UNET_WEIGHTS)
+    save_component(os.path.join(folder, "vae"), diffusers_config(configs.vae, "AutoencoderKL"),
+                   params["vae"], UNET_WEIGHTS)
+    for (encoder, tokenizer_name), config, model, p, tokenizer in zip(
+            pipeline_lib.TEXT_COMPONENTS, configs.text_encoders, models.text_encoders,
+            params["text_encoders"], tokenizers):
+        save_component(os.path.join(folder, encoder), text_encoder_config(config, model, tokenizer),
+                       p, TEXT_WEIGHTS)
+        tokenizer.save_pretrained(os.path.join(folder, tokenizer_name))
+    scheduler = scheduler_config(configs.scheduler, defaults)
+    os.makedirs(os.path.join(folder, "scheduler"))
+    write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
+    text_classes = [text_encoder_class(m) for m in models.text_encoders]
+    write_json(os.path.join(folder, "model_index.json"),
+               model_index(configs, text_classes, tokenizers, scheduler["_class_name"]))
+    if defaults is not None:
+        write_json(os.path.join(folder, pipeline_lib.JAXDIFF_DEFAULTS_FILE), defaults)
+
+
+def _check_target(path: str, overwrite: bool) -> None:
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a folder")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it")
+
+
+def _sibling(path: str, tag: str) -> str:
+    """A fresh hidden name next to `path` (same file system, so renames are atomic)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+def _move_into_place(staged: str, path: str, overwrite: bool) -> None:
+    if not os.path.lexists(path):
+        os.rename(staged, path)
+        return
+    old = _sibling(path, "old")
+    os.rename(path, old)
+    os.rename(staged, path)
+    # Without overwrite the old folder was empty; rmdir (not rmtree) fails rather than delete
+    # anything written into it meanwhile, which then stays in `old`.
+    if overwrite:
+        shutil.rmtree(old)
+    else:
+        os.rmdir(old)
+
+
+def save_pipeline(path: str, configs: pipeline_lib.PipelineConfigs, params, tokenizers: Sequence,
+                  defaults: Mapping | None = None, *, overwrite: bool = False) -> str:
+    """Writes a diffusers pipeline folder at `path` (and `jaxdiff.json` with `defaults`); returns `path`.
+
+    `params` is `{"text_encoders": (...), "unet": ..., "vae": ...}` as `init_params` and `load` give.
+    """
+    _check_target(path, overwrite)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    staged = _sibling(path, "partial")
+    os.mkdir(staged)  # not mkdtemp: its 0o700 mode would survive the rename
+    try:
+        write_folder(staged, configs, params, tokenizers, defaults)
+        _check_target(path, overwrite)  # again: something may have been written there meanwhile
+        _move_into_place(staged, path, overwrite)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return path
+
+
+def save(pipe: pipeline_lib.Pipeline, path: str, *, overwrite: bool = False) -> str:
+    """Writes a `Pipeline` (loaded or trained) with its configs, params, tokenizers and defaults."""
+    return save_pipeline(path, pipe.configs, pipe.params, pipe.tokenizers, pipe.defaults,
+                         overwrite=overwrite)
