@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -341,13 +342,36 @@ def param_shapes(module):
     return jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"]
 
 
-def init_params(models: Models, key) -> dict:
-    """Random params for every component (training from scratch)."""
-    k_text, k_unet, k_vae = jax.random.split(key, 3)
-    init = lambda m, k: m.init(k, *m.dummy_inputs())["params"]
-    return {"text_encoders": tuple(init(m, k) for m, k in zip(
-                models.text_encoders, jax.random.split(k_text, len(models.text_encoders)))),
-            "unet": init(models.unet, k_unet), "vae": init(models.vae, k_vae)}
+def pipeline_param_shapes(models: Models) -> dict:
+    """The params pytree of every component as `jax.ShapeDtypeStruct`s (nothing allocated)."""
+    return {"text_encoders": tuple(param_shapes(m) for m in models.text_encoders),
+            "unet": param_shapes(models.unet), "vae": param_shapes(models.vae)}
+
+
+def init_params(models: Models, seed: int) -> dict:
+    """Random params for every component, for training from scratch.
+
+    PyTorch's default initialisation, which diffusers models are trained from: kernels
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases 0, norm scales 1, embeddings N(0, 0.02) (as CLIP).
+    Drawn with NumPy from the shapes alone, each leaf from a generator seeded by its path, because
+    `module.init` would execute (and compile) every op of the forward pass just to create weights.
+    """
+    def draw(path, leaf):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        shape, kind = leaf.shape, name.rsplit("/", 1)[-1]
+        if kind == "kernel":
+            bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+            value = rng.uniform(-bound, bound, shape)
+        elif kind == "embedding":
+            value = rng.normal(0.0, 0.02, shape)
+        elif kind == "scale":
+            value = np.ones(shape)
+        else:
+            value = np.zeros(shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, pipeline_param_shapes(models))
 
 
 def default_settings(configs: PipelineConfigs) -> dict:

@@ -118,8 +118,8 @@ def _scratch_configs(tokenizer):
 
 
 def _random_params(models, seed=0):
-    """Params of `init_params`'s tree and shapes, drawn with NumPy: `init_params` compiles one RNG
-    kernel per parameter shape, which takes 30-70 s for these tiny models on 2 shared cores."""
+    """Random params in the pipeline's tree and shapes, with non-zero biases and norm scales (unlike
+    `init_params`'s zeros and ones), so that an exported tensor in the wrong place would show."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):

@@ -68,7 +68,7 @@ def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
             scheduler=config.model.scheduler.to_dict())
         if base is not None:
             configs = dataclasses.replace(configs, **{k: getattr(base.configs, k) for k in take})
-    params = P.init_params(P.build_models(configs), jax.random.key(config.seed))
+    params = P.init_params(P.build_models(configs), config.seed)
     if base is not None:
         params.update({k: base.params[k] for k in take})
     return configs, params, tokenizers
@@ -117,9 +117,8 @@ def read_run(workdir: str):
 
 def abstract_state(config, configs, optimizer):
     """The TrainState's structure and shapes, computed without allocating it."""
-    models = P.build_models(configs)
-    return jax.eval_shape(lambda: step_lib.create_state(
-        P.init_params(models, jax.random.key(0)), config, optimizer))
+    shapes = P.pipeline_param_shapes(P.build_models(configs))
+    return jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), shapes)
 
 
 def restore_pipeline(workdir: str, use_ema: bool = True) -> P.Pipeline:
