@@ -15,7 +15,7 @@ def _generate_parser(sub):
     p.add_argument("prompt_args", nargs="*", metavar="PROMPT", help="prompt(s); or use --prompt")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--negative-prompt", default=None, help="one negative prompt for every prompt")
-    p.add_argument("--model", default=None, help="a diffusers pipeline folder")
+    p.add_argument("--model", default=None, help="a diffusers pipeline folder (default: the bundled model)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None, help="guidance scale")
     p.add_argument("--sampler", default=None)

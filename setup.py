@@ -9,6 +9,8 @@ setup(
     version="0.1.0",
     description="Stable Diffusion (SD1.x, SD2.x, SDXL) sampling and training in JAX/Flax",
     packages=find_packages(include=["jaxdiff", "jaxdiff.*"]),
+    # The bundled default model: a diffusers folder inside the package.
+    package_data={"jaxdiff": ["assets/shapes_model/*.json", "assets/shapes_model/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

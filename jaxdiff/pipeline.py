@@ -54,6 +54,8 @@ SAMPLER_FOR_SCHEDULER = {
     "DPMSolverMultistepScheduler": "dpmpp_2m", "PNDMScheduler": "pndm",
 }
 JAXDIFF_DEFAULTS_FILE = "jaxdiff.json"  # optional: {"sampler", "steps", "guidance_scale"} of a folder
+# The default model shipped inside the package (trained on the shapes data set by configs/shapes_*.py).
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_model")
 
 
 def family_of(pipeline_class: str) -> Family:
@@ -412,7 +414,8 @@ def read_configs(path: str) -> PipelineConfigs:
 
 
 def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: bool = False) -> Pipeline:
-    """Loads a diffusers pipeline folder (SD1.x, SD2.x, SDXL) into a `Pipeline`.
+    """Loads a diffusers pipeline folder (SD1.x, SD2.x, SDXL) into a `Pipeline`; with no path,
+    the bundled shapes model.
 
     Every tensor must map onto a parameter of the same shape and every parameter must be filled;
     anything else raises `WeightError` naming the tensor. `dtype` is the compute dtype (params stay
@@ -421,7 +424,10 @@ def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: boo
     from transformers import CLIPTokenizer
 
     if path is None:
-        raise ValueError("no model path given (the bundled default model is not part of this build)")
+        path = BUNDLED_MODEL
+        if not os.path.exists(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"the bundled model is missing from {path}; reinstall jaxdiff or "
+                                    "pass a model folder")
     configs = read_configs(path)
     models = build_models(configs, dtype)
     index = diffusers_io.read_json(os.path.join(path, "model_index.json"))
