@@ -240,7 +240,7 @@ def test_tfds_builder_matches_the_generator(tmp_path):
 
     from jaxdiff.data import tfds_shapes
 
-    config = tfds_shapes.ShapesConfig(name="tiny", num_train=64, num_validation=16)
+    config = tfds_shapes.ShapesConfig(name="custom_small", num_train=64, num_validation=16)
     builder = tfds_shapes.Shapes(data_dir=str(tmp_path), config=config)
     builder.download_and_prepare()
     assert builder.info.splits["train"].num_examples == 64
