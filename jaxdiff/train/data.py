@@ -183,7 +183,9 @@ def square_image(image: Image.Image, resolution: int) -> np.ndarray:
 def make_source(config):
     """The source that `config.data` names: source "tfds" (name, split, data_dir) or "folder"."""
     if config.source == "tfds":
-        source = tfds_source(config.name, config.split, config.get("data_dir"), config.get("config"))
+        # "" means TFDS's own default (~/tensorflow_datasets), not the working directory.
+        source = tfds_source(config.name, config.split, config.get("data_dir") or None,
+                             config.get("config") or None)
         if source[0][0].shape[0] != config.resolution:
             raise ValueError(f"TFDS {config.name!r} images are {source[0][0].shape[:2]}, but data.resolution "
                              f"is {config.resolution} (pick the builder config with data.config)")
