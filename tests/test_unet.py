@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import diffusers
 import jax
@@ -14,7 +13,7 @@ import torch
 
 from jaxdiff.models.unet import UNet2DConditionModel
 from jaxdiff.weights.convert import WeightError, load_state_dict
-from tests.torch_utils import assert_close_rel, nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy
+from tests.torch_utils import assert_close_rel, nchw_to_nhwc, nhwc_to_nchw, port, randomize_, state_dict_numpy
 
 _SMALL = dict(in_channels=4, out_channels=4, norm_num_groups=8, sample_size=8)
 
@@ -53,11 +52,7 @@ def _build(kind: str, seed: int = 0):
     """(torch model, its config.json dict, jaxdiff model, params) for CONFIGS[kind]."""
     torch.manual_seed(seed)
     torch_model = randomize_(diffusers.UNet2DConditionModel(**CONFIGS[kind]).eval(), 0.2, seed)
-    config = json.loads(torch_model.to_json_string())  # what unet/config.json holds
-    model = UNet2DConditionModel.from_config(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-    params = load_state_dict(state_dict_numpy(torch_model), shapes, what="unet")
-    return torch_model, config, model, params
+    return (torch_model, *port(torch_model, UNet2DConditionModel, "unet"))
 
 
 @functools.cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import diffusers
 import jax
@@ -14,7 +13,7 @@ import torch
 
 from jaxdiff.models.vae import AutoencoderKL
 from jaxdiff.weights.convert import WeightError, load_state_dict
-from tests.torch_utils import assert_close_rel, nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy
+from tests.torch_utils import assert_close_rel, nchw_to_nhwc, nhwc_to_nchw, port, randomize_, state_dict_numpy
 
 CONFIGS = {
     # SD-style: quant convs, mid-block attention, three levels.
@@ -34,10 +33,7 @@ def _build(kind: str, seed: int = 0):
     """(torch model, its config.json dict, params) for CONFIGS[kind]."""
     torch.manual_seed(seed)
     torch_model = randomize_(diffusers.AutoencoderKL(**CONFIGS[kind]).eval(), 0.2, seed)
-    config = json.loads(torch_model.to_json_string())  # what vae/config.json holds
-    model = AutoencoderKL.from_config(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-    params = load_state_dict(state_dict_numpy(torch_model), shapes, what="vae")
+    config, _, params = port(torch_model, AutoencoderKL, "vae")
     return torch_model, config, params
 
 

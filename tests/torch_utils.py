@@ -50,3 +50,16 @@ def nchw_to_nhwc(x) -> np.ndarray:
 
 def nhwc_to_nchw(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+def port(torch_model, jax_cls, what: str):
+    """(config.json dict, jaxdiff module, params) of a diffusers torch model, through the loader's
+    strict conversion (a naming mistake fails here)."""
+    import json
+
+    from jaxdiff.pipeline import param_shapes
+    from jaxdiff.weights.convert import load_state_dict
+
+    config = json.loads(torch_model.to_json_string())  # what the component's config.json holds
+    model = jax_cls.from_config(config)
+    return config, model, load_state_dict(state_dict_numpy(torch_model), param_shapes(model), what=what)
