@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import text
+from jaxdiff import parallel, text
 from jaxdiff.models import clip
 from jaxdiff.models.clip import CLIPTextModel
 from jaxdiff.models.unet import UNet2DConditionModel
@@ -194,7 +194,9 @@ class Pipeline:
     def __init__(self, models: Models, params, tokenizers, configs: PipelineConfigs,
                  defaults: dict, path: str | None = None):
         self.models = models
-        self.params = params
+        # Sampling spreads the batch over every device; params are placed by the one sharding rule.
+        self.mesh = parallel.make_mesh(data=-1, fsdp=1)
+        self.params = parallel.reshard(params, parallel.shardings_for(params, self.mesh))
         self.tokenizers = tuple(tokenizers)
         self.configs = configs
         self.defaults = dict(defaults)
@@ -292,8 +294,29 @@ class Pipeline:
         inputs, sampler, guidance = self.prepare(
             prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
             num_images_per_prompt)
+        n = inputs.noise.shape[0]
+        inputs = self._place(_pad_batch(inputs, parallel.pad_batch(n, self.mesh)))
         images = self._generate(self.params, inputs, sampler=sampler, guidance=guidance)
-        return np.asarray(images, np.float32)
+        return np.asarray(images[:n], np.float32)
+
+    def _place(self, inputs: GenerateInputs) -> GenerateInputs:
+        """Batch leaves split over the mesh's batch axes; everything else replicated."""
+        split = lambda x: jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
+        replicated = parallel.NamedSharding(self.mesh, parallel.P())
+        inputs = jax.device_put(inputs, replicated)
+        return inputs._replace(**{k: jax.tree.map(split, getattr(inputs, k)) for k in BATCH_FIELDS})
+
+
+# The fields of GenerateInputs with a leading batch axis.
+BATCH_FIELDS = ("ids", "uncond_ids", "noise", "time_ids")
+
+
+def _pad_batch(inputs: GenerateInputs, size: int) -> GenerateInputs:
+    """Repeats the last example up to `size` (the padding is computed, then dropped)."""
+    def pad(x):
+        extra = size - x.shape[0]
+        return x if extra == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
+    return inputs._replace(**{k: jax.tree.map(pad, getattr(inputs, k)) for k in BATCH_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)
