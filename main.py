@@ -101,6 +101,7 @@ def train(argv) -> int:
 
     import jax
 
+    from jaxdiff import parallel
     from jaxdiff.train import loop
 
     FLAGS = flags.FLAGS
@@ -113,6 +114,7 @@ def train(argv) -> int:
         raise ValueError(str(e)) from None
     if FLAGS.config is None or FLAGS.workdir is None:
         raise ValueError("train needs --config configs/NAME.py and --workdir DIR")
+    parallel.initialize_distributed()  # multi-host: from the environment (TPU pods, SLURM, JAXDIFF_*)
     logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     loop.train(FLAGS.config, FLAGS.workdir)
     return 0

@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.sample_posterior = True  # VAE latents: a posterior sample (True) or its mean
     c.train.kl_weight = 1e-6  # vae mode
 
+    c.mesh = ml_collections.ConfigDict()  # devices of all hosts as a (data, fsdp) grid
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1  # shard large params and optimizer state over this many devices
+    c.mesh.min_shard_size = 2 ** 14  # arrays with fewer elements stay replicated
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
     c.checkpoint.keep = 3

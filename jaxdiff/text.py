@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -30,11 +31,17 @@ def as_prompt_list(prompts, what: str = "prompts") -> list[str]:
     raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompts!r}")
 
 
+# HF fast tokenizers keep padding/truncation settings as state on the shared Rust object, so two
+# threads (the training prefetcher) calling with different settings can encode with the wrong ones.
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
     """Token ids [B, model_max_length], padded and truncated as diffusers does (with a warning)."""
     max_len = tokenizer.model_max_length
-    ids = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True).input_ids
-    full = tokenizer(list(prompts)).input_ids  # unpadded, so each prompt's own length shows
+    with _TOKENIZER_LOCK:
+        ids = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True).input_ids
+        full = tokenizer(list(prompts)).input_ids  # unpadded, so each prompt's own length shows
     for prompt, long_ids in zip(prompts, full):
         if len(long_ids) > max_len:
             dropped = tokenizer.decode(long_ids[max_len - 1:-1])

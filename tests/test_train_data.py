@@ -208,3 +208,17 @@ def test_tfds_source_reads_the_generated_split(tmp_path):
 def test_import_does_not_pull_tensorflow():
     code = "import sys, jaxdiff.train.data; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tokenize_is_thread_safe():
+    """The prefetcher tokenizes in several threads; the ids must always come out padded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jaxdiff import text
+    from tests.tiny_pipelines import make_tokenizer
+
+    tok = make_tokenizer()
+    prompts = [["a red circle"] * 8, ["a blue square to the left of a green triangle"] * 8]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: text.tokenize(tok, prompts[i % 2]), range(400)))
+    assert all(r.shape == (8, 77) for r in results)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff import parallel
 from jaxdiff import pipeline as P
 from jaxdiff import text
 from jaxdiff.images import save_pngs
@@ -126,7 +127,11 @@ def restore_pipeline(workdir: str, use_ema: bool = True) -> P.Pipeline:
     config, configs, tokenizers = read_run(workdir)
     optimizer = step_lib.make_optimizer(config)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
-    state = ckpt.restore_latest(abstract_state(config, configs, optimizer))
+    # Onto this machine's devices, whatever mesh the run was saved from.
+    abstract = abstract_state(config, configs, optimizer)
+    shardings = parallel.shardings_for(abstract, parallel.make_mesh())
+    state = ckpt.restore_latest(jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
     ckpt.close()
     if state is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
@@ -206,7 +211,16 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         _write_run_files(workdir, config, configs, tokenizers)
     models = P.build_models(configs, dtype=jnp.dtype(config.train.compute_dtype))
     optimizer = step_lib.make_optimizer(config)
-    state = step_lib.create_state(params, config, optimizer)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    if config.train.batch_size % parallel.batch_size_divisor(mesh):
+        raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of the "
+                         f"{parallel.batch_size_divisor(mesh)} devices of the mesh")
+    # Born sharded: the state's layout comes from its shapes, then each leaf is placed once.
+    abstract = jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), params)
+    shardings = parallel.shardings_for(abstract, mesh, config.mesh.min_shard_size)
+    # (`pipeline_params` of the state's shardings is the shardings of the full params tree.)
+    state = jax.jit(lambda p: step_lib.create_state(p, config, optimizer), out_shardings=shardings)(
+        parallel.reshard(params, shardings.pipeline_params()))
     del params
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -216,7 +230,9 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         logging.info("resumed from step %d", int(state.step))
     start = int(state.step)
 
-    train_step = jax.jit(step_lib.make_train_step(models, config, optimizer), donate_argnums=(0,))
+    replicated = parallel.NamedSharding(mesh, parallel.P())
+    train_step = jax.jit(step_lib.make_train_step(models, config, optimizer), donate_argnums=(0,),
+                         out_shardings=(shardings, replicated))
     rng = jax.random.key(config.seed)
     log = MetricsLog(os.path.join(workdir, "metrics.csv")) if jax.process_index() == 0 else None
     total = config.train.steps
@@ -228,7 +244,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         for step, batch in batches:
             if step >= stop:
                 break
-            state, metrics = train_step(state, batch, rng)
+            state, metrics = train_step(state, parallel.host_batch_to_global(batch, mesh), rng)
             done += 1
             if (step + 1) % config.log_every == 0 or step + 1 == total:
                 metrics = jax.device_get(metrics)
