@@ -110,10 +110,16 @@ def encode_prompt(models: Models, text_params, ids, time_ids=None) -> Conditioni
     return Conditioning(context, pooled, time_ids)
 
 
-def _added_cond(cond: Conditioning):
-    if cond.pooled is None:
-        return None
-    return {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+def apply_unet(models: Models, unet_params, x, t, cond: Conditioning) -> jax.Array:
+    """The U-Net's prediction for latents x [B, h, w, C] at timesteps t [B] under `cond`."""
+    added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+    return models.unet.apply({"params": unet_params}, x, t, cond.context, added)
+
+
+def micro_conditioning_ids(height: int, width: int, batch: int) -> np.ndarray:
+    """SDXL's add_time_ids [B, 6]: original size, crop top-left (0, 0), target size, as diffusers'
+    pipeline builds them with its defaults."""
+    return np.tile(np.float32([height, width, 0, 0, height, width]), (batch, 1))
 
 
 def _concat(a: Conditioning, b: Conditioning) -> Conditioning:
@@ -133,7 +139,7 @@ def guided_model(models: Models, unet_params, cond: Conditioning, uncond: Condit
         if uncond is not None:
             x_in = jnp.concatenate([x_in, x_in])
         ts = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_in.shape[0],))
-        out = models.unet.apply({"params": unet_params}, x_in, ts, both.context, _added_cond(both))
+        out = apply_unet(models, unet_params, x_in, ts, both)
         if uncond is None:
             return out
         out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
@@ -266,9 +272,7 @@ class Pipeline:
 
         time_ids = None
         if self.models.family.micro_conditioning:
-            # original_size + crop top-left + target_size, as diffusers' SDXL pipeline with defaults.
-            time_ids = jnp.tile(jnp.asarray([height, width, 0, 0, height, width], jnp.float32),
-                                (batch, 1))
+            time_ids = jnp.asarray(micro_conditioning_ids(height, width, batch))
         zero_uncond = negative_prompts is None and self.configs.force_zeros_for_empty_prompt
         inputs = GenerateInputs(
             ids=tuple(jnp.asarray(text.tokenize(t, prompts)) for t in self.tokenizers),

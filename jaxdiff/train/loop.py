@@ -171,8 +171,7 @@ def _batch_fn(config, source, tokenizers, models):
                  "ids": tuple(text.tokenize(t, raw["captions"]) for t in tokenizers),
                  "empty_ids": empty}
         if models.family.micro_conditioning:
-            h, w = raw["images"].shape[1:3]
-            batch["time_ids"] = np.tile(np.float32([h, w, 0, 0, h, w]), (per_host, 1))
+            batch["time_ids"] = P.micro_conditioning_ids(*raw["images"].shape[1:3], per_host)
         return batch
 
     return load

@@ -96,9 +96,7 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, rng, config, alp
         target = jnp.sqrt(ac) * eps - jnp.sqrt(1 - ac) * latents
     else:
         raise ValueError(f"cannot train prediction_type {models.prediction_type!r}")
-    added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-    pred = models.unet.apply({"params": params["unet"]}, noisy, t.astype(jnp.float32), cond.context,
-                             added).astype(jnp.float32)
+    pred = P.apply_unet(models, params["unet"], noisy, t.astype(jnp.float32), cond).astype(jnp.float32)
     per_example = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
     if t_cfg.min_snr_gamma:
         # Min-SNR-gamma (Hang et al. 2023): cap the weight of easy, low-noise timesteps.
