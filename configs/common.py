@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
     c.train.batch_size = 64  # global, over all hosts
+    c.train.grad_accum_steps = 1  # micro-batches per step (the batch's activation memory / this)
     c.train.optimizer = "adamw"  # or "sgd"
     c.train.learning_rate = 1e-4
     c.train.lr_schedule = "cosine"  # or "constant" (both after linear warm-up)
@@ -60,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.min_snr_gamma = 0.0  # 0 = off; 5 is the paper's value
     c.train.train_text_encoder = True
     c.train.sample_posterior = True  # VAE latents: a posterior sample (True) or its mean
-    c.train.kl_weight = 1e-6  # vae mode
+    c.train.kl_weight = 1e-6  # vae mode, against the reconstruction loss summed over each image (as SD)
+    c.train.edge_weight = 0.0  # vae mode: weight of the L1 loss on image gradients (sharp edges)
 
     c.mesh = ml_collections.ConfigDict()  # devices of all hosts as a (data, fsdp) grid
     c.mesh.data = -1  # -1: all devices not used by fsdp

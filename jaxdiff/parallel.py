@@ -21,6 +21,7 @@ import os
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -144,10 +145,21 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def pad_batch(n: int, mesh: Mesh) -> int:
-    """`n` rounded up to a multiple of the devices the batch is split over."""
-    k = batch_size_divisor(mesh)
+def pad_batch(n: int, mesh: Mesh, multiple: int = 1) -> int:
+    """`n` rounded up to a multiple of the devices the batch is split over (times `multiple`)."""
+    k = batch_size_divisor(mesh) * multiple
     return -(-n // k) * k
+
+
+def pad_rows(tree: Any, size: int) -> Any:
+    """Each leaf's leading dim grown to `size` by repeating its last row (NumPy or JAX arrays)."""
+    def pad(x):
+        extra = size - x.shape[0]
+        if extra == 0:
+            return x
+        xp = np if isinstance(x, np.ndarray) else jnp
+        return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)])
+    return jax.tree.map(pad, tree)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,12 +168,13 @@ def decode(models: Models, vae_params, latents) -> jax.Array:
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def encode_images(models: Models, vae_params, images, key=None) -> jax.Array:
-    """Images [B, H, W, 3] in [0, 1] -> scaled latents (the posterior mean, or a sample with `key`)."""
+def encode_images(models: Models, vae_params, images, noise=None) -> jax.Array:
+    """Images [B, H, W, 3] in [0, 1] -> scaled latents: the posterior mean, or with `noise` (standard
+    normal, the latents' shape) the posterior sample mean + std * noise."""
     mean, logvar = models.vae.apply({"params": vae_params}, images * 2 - 1, method="encode")
     latents = mean
-    if key is not None:
-        latents = mean + jnp.exp(0.5 * jnp.clip(logvar, -30, 20)) * jax.random.normal(key, mean.shape)
+    if noise is not None:
+        latents = mean + jnp.exp(0.5 * jnp.clip(logvar, -30, 20)) * noise
     if models.latents_mean is not None:
         return (latents - jnp.asarray(models.latents_mean)) * models.scaling_factor / jnp.asarray(
             models.latents_std)
@@ -299,7 +300,10 @@ class Pipeline:
             prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
             num_images_per_prompt)
         n = inputs.noise.shape[0]
-        inputs = self._place(_pad_batch(inputs, parallel.pad_batch(n, self.mesh)))
+        # The pad repeats the last example; it is computed, then dropped.
+        size = parallel.pad_batch(n, self.mesh)
+        inputs = self._place(inputs._replace(**{k: parallel.pad_rows(getattr(inputs, k), size)
+                                                for k in BATCH_FIELDS}))
         images = self._generate(self.params, inputs, sampler=sampler, guidance=guidance)
         return np.asarray(images[:n], np.float32)
 
@@ -313,14 +317,6 @@ class Pipeline:
 
 # The fields of GenerateInputs with a leading batch axis.
 BATCH_FIELDS = ("ids", "uncond_ids", "noise", "time_ids")
-
-
-def _pad_batch(inputs: GenerateInputs, size: int) -> GenerateInputs:
-    """Repeats the last example up to `size` (the padding is computed, then dropped)."""
-    def pad(x):
-        extra = size - x.shape[0]
-        return x if extra == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
-    return inputs._replace(**{k: jax.tree.map(pad, getattr(inputs, k)) for k in BATCH_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,12 +50,13 @@ def _eval_loss(config, params, tokenizers, models, steps=4):
     ac = jnp.asarray(schedules.alphas_cumprod(config.model.scheduler.to_dict()))
     total = 0.0
     for i in range(steps):
-        batch, rng = load(1000 + i), jax.random.key(i)
+        batch = load(1000 + i)
+        rng = step_lib.example_keys(jax.random.key(i), len(batch["images"]))
         if config.mode == "vae":
-            loss, _ = step_lib.vae_loss(models, params, batch, rng, config)
+            values = step_lib.vae_loss(models, params, batch, rng, config)
         else:
-            loss, _ = step_lib.diffusion_loss(models, params, batch, rng, config, ac)
-        total += float(loss)
+            values = step_lib.diffusion_loss(models, params, batch, rng, config, ac)
+        total += float(values["loss"].mean())
     return total / steps
 
 
@@ -97,3 +98,36 @@ def test_unknown_mode_is_named(tfds_dir, tmp_path):
     config = _config(shapes_vae, tfds_dir, mode="gan")
     with pytest.raises(ValueError, match="unknown training mode 'gan'"):
         loop.train(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("module", [shapes_vae, shapes_unet])
+def test_padding_and_accumulation_change_nothing(module, tfds_dir):
+    """Weight-0 pad rows and micro-batching give the plain step's update (rows keep their randomness)."""
+    from jaxdiff import pipeline as P
+    from jaxdiff.train import data, step as step_lib
+
+    config = _config(module, tfds_dir, **{"train.batch_size": 6, "train.optimizer": "sgd",
+                                          "train.learning_rate": 0.05, "train.lr_schedule": "constant",
+                                          "train.warmup_steps": 0})
+    configs, params, tokenizers = loop.build_pipeline(config)
+    models = P.build_models(configs)
+    optimizer = step_lib.make_optimizer(config)
+    source = data.make_source(config.data)
+
+    def update(padded_rows, accum):
+        config.train.grad_accum_steps = accum
+        batch = loop._batch_fn(config, source, tokenizers, models, padded_rows)(0)
+        assert len(batch["images"]) == padded_rows
+        train_step = jax.jit(step_lib.make_train_step(models, config, optimizer))
+        state, metrics = train_step(step_lib.create_state(params, config, optimizer), batch,
+                                    jax.random.key(0))
+        return jax.tree.leaves(state.params), float(metrics["loss"])
+
+    plain, plain_loss = update(6, 1)
+    start = jax.tree.leaves({k: params[k] for k in step_lib.trained_components(config)})
+    assert max(float(np.abs(a - b).max()) for a, b in zip(plain, start)) > 1e-4  # the step moved
+    for padded_rows, accum in [(8, 1), (6, 2), (6, 3), (8, 4)]:
+        leaves, loss = update(padded_rows, accum)
+        worst = max(float(np.abs(a - b).max()) for a, b in zip(leaves, plain))
+        assert worst <= 1e-6, (padded_rows, accum, worst)
+        assert loss == pytest.approx(plain_loss, rel=1e-5), (padded_rows, accum)

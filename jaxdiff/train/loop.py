@@ -159,9 +159,14 @@ class MetricsLog:
             writer.writerow(row)
 
 
-def _batch_fn(config, source, tokenizers, models):
-    """step -> the host's batch for that step: images in [-1, 1], token ids, empty-prompt ids."""
+def _batch_fn(config, source, tokenizers, models, padded_batch_size=None):
+    """step -> the host's batch for that step: images in [-1, 1], token ids, empty-prompt ids, weights.
+
+    With `padded_batch_size` (global) each host's rows are padded to its share of it by repeating the last
+    row with weight 0, so that the batch divides over the devices and the pad changes nothing.
+    """
     per_host = config.train.batch_size // jax.process_count()
+    rows = (padded_batch_size or config.train.batch_size) // jax.process_count()
     empty = tuple(np.repeat(text.tokenize(t, [""]), per_host, axis=0) for t in tokenizers)
 
     def load(step):
@@ -169,12 +174,31 @@ def _batch_fn(config, source, tokenizers, models):
                             jax.process_index(), jax.process_count(), flip=config.data.flip)
         batch = {"images": raw["images"],
                  "ids": tuple(text.tokenize(t, raw["captions"]) for t in tokenizers),
-                 "empty_ids": empty}
+                 "empty_ids": empty,
+                 "weights": np.ones(per_host, np.float32)}
         if models.family.micro_conditioning:
             batch["time_ids"] = P.micro_conditioning_ids(*raw["images"].shape[1:3], per_host)
+        batch = parallel.pad_rows(batch, rows)
+        batch["weights"][per_host:] = 0.0
         return batch
 
     return load
+
+
+def padded_batch_size(config, mesh) -> int:
+    """The global batch rounded up so that each of its `grad_accum_steps` micro-batches splits evenly
+    over the mesh; raises on a batch that cannot be split over the processes or the micro-batches."""
+    t = config.train
+    if t.batch_size < 1 or t.grad_accum_steps < 1:
+        raise ValueError(f"train.batch_size ({t.batch_size}) and train.grad_accum_steps "
+                         f"({t.grad_accum_steps}) must be positive")
+    if t.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size {t.batch_size} must be a multiple of the "
+                         f"{jax.process_count()} processes (each reads an equal share)")
+    if t.batch_size < t.grad_accum_steps:
+        raise ValueError(f"train.batch_size {t.batch_size} is smaller than train.grad_accum_steps "
+                         f"{t.grad_accum_steps}: a micro-batch would be empty")
+    return parallel.pad_batch(t.batch_size, mesh, multiple=t.grad_accum_steps)
 
 
 def _save_samples(config, state, models, configs, tokenizers, batch, workdir, step):
@@ -211,9 +235,11 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
     models = P.build_models(configs, dtype=jnp.dtype(config.train.compute_dtype))
     optimizer = step_lib.make_optimizer(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    if config.train.batch_size % parallel.batch_size_divisor(mesh):
-        raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of the "
-                         f"{parallel.batch_size_divisor(mesh)} devices of the mesh")
+    padded = padded_batch_size(config, mesh)
+    if padded != config.train.batch_size:
+        logging.info("global batch %d padded to %d (weight-0 rows) to split over %d devices x %d "
+                     "micro-batches", config.train.batch_size, padded, parallel.batch_size_divisor(mesh),
+                     config.train.grad_accum_steps)
     # Born sharded: the state's layout comes from its shapes, then each leaf is placed once.
     abstract = jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), params)
     shardings = parallel.shardings_for(abstract, mesh, config.mesh.min_shard_size)
@@ -238,7 +264,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
     stop = total if until_step is None else min(until_step, total)
     bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True)
     t0, done = time.perf_counter(), 0
-    with data.Prefetcher(_batch_fn(config, source, tokenizers, models), start,
+    with data.Prefetcher(_batch_fn(config, source, tokenizers, models, padded), start,
                          depth=config.data.prefetch) as batches:
         for step, batch in batches:
             if step >= stop:

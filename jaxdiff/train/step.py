@@ -8,6 +8,16 @@ Two objectives over one state shape:
 
 Params are one pipeline pytree ({"text_encoders", "unet", "vae"}); `TrainState.params` holds the
 trained parts and `TrainState.frozen` the rest, so the optimizer never sees frozen weights.
+
+Objectives return per-example values; the step takes their mean weighted by `batch["weights"]` (all
+ones when absent). Padding rows get weight 0, which is how a global batch that does not divide over the
+devices trains exactly like the unpadded batch. With `train.grad_accum_steps = k` the batch is cut into
+k micro-batches (micro-batch j holds rows j, j + k, j + 2k, ..., so each device keeps its own rows) whose
+gradients are summed in a `lax.scan`: one optimizer update, a k-th of the activation memory.
+
+Randomness is per example: row i of the (padded) global batch draws its timestep, noise and caption
+dropout from `fold_in(fold_in(rng, step), i)`. So neither the pad, nor the device count, nor the
+micro-batching changes what a row sees, and all of them give the same update up to float summation order.
 """
 
 from __future__ import annotations
@@ -51,12 +61,15 @@ def trained_components(config) -> tuple[str, ...]:
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine (or constant) decay, after global-norm clipping."""
     t = config.train
+    if t.warmup_steps < 0:
+        raise ValueError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    # warmup_steps = 0: the full rate from the first step.
     if t.lr_schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1),
+        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps,
                                                 max(t.steps, t.warmup_steps + 1), end_value=t.learning_rate * 0.1)
     elif t.lr_schedule == "constant":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)),
-                                   optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
+        lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
+                                   optax.constant_schedule(t.learning_rate)], [t.warmup_steps])
     else:
         raise ValueError(f"unknown train.lr_schedule {t.lr_schedule!r}; choose cosine or constant")
     adam = optax.sgd(lr) if t.optimizer == "sgd" else optax.adamw(
@@ -72,23 +85,37 @@ def create_state(params: dict, config, optimizer) -> TrainState:
                       opt_state=optimizer.init(trained), ema=jax.tree.map(jnp.copy, trained))
 
 
-def diffusion_loss(models: P.Models, params: dict, batch: dict, rng, config, alphas_cumprod):
-    """Noise-prediction loss of the U-Net on VAE latents of `batch["images"]` (in [-1, 1])."""
+def example_keys(rng, n: int) -> jax.Array:
+    """One PRNG key per batch row: row i's randomness depends on nothing but `rng` and i."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(n))
+
+
+def _per_example(sampler, keys, *args):
+    """`sampler(key, *args)` for each row's key, stacked: [B, ...]."""
+    return jax.vmap(lambda k: sampler(k, *args))(keys)
+
+
+def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, alphas_cumprod):
+    """Per-example noise-prediction loss of the U-Net on VAE latents of `batch["images"]` (in [-1, 1]);
+    `keys`: one PRNG key per row (`example_keys`)."""
     t_cfg = config.train
-    k_lat, k_t, k_eps, k_drop = jax.random.split(rng, 4)
-    latents = P.encode_images(models, params["vae"], batch["images"] / 2 + 0.5,
-                              key=k_lat if t_cfg.sample_posterior else None)
-    latents = jax.lax.stop_gradient(latents)
-    b = latents.shape[0]
+    k_lat, k_t, k_eps, k_drop = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 4))(keys), 1, 0)
+    images = batch["images"]
+    encode = lambda x, noise=None: P.encode_images(models, params["vae"], x / 2 + 0.5, noise)
+    posterior_noise = None
+    if t_cfg.sample_posterior:
+        latent_shape = jax.eval_shape(encode, images[:1]).shape[1:]  # shapes only: nothing is computed
+        posterior_noise = _per_example(jax.random.normal, k_lat, latent_shape)
+    latents = jax.lax.stop_gradient(encode(images, posterior_noise))
 
     # Caption dropout: swap in the empty prompt so the same U-Net learns the unconditional model.
-    drop = jax.random.uniform(k_drop, (b,)) < t_cfg.caption_dropout
+    drop = _per_example(jax.random.uniform, k_drop) < t_cfg.caption_dropout
     ids = tuple(jnp.where(drop[:, None], e, i) for i, e in zip(batch["ids"], batch["empty_ids"]))
     cond = P.encode_prompt(models, params["text_encoders"], ids, batch.get("time_ids"))
 
-    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+    t = _per_example(jax.random.randint, k_t, (), 0, alphas_cumprod.shape[0])
     ac = alphas_cumprod[t][:, None, None, None]
-    eps = jax.random.normal(k_eps, latents.shape)
+    eps = _per_example(jax.random.normal, k_eps, latents.shape[1:])
     noisy = jnp.sqrt(ac) * latents + jnp.sqrt(1 - ac) * eps
     if models.prediction_type == "epsilon":
         target = eps
@@ -97,7 +124,7 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, rng, config, alp
     else:
         raise ValueError(f"cannot train prediction_type {models.prediction_type!r}")
     pred = P.apply_unet(models, params["unet"], noisy, t.astype(jnp.float32), cond).astype(jnp.float32)
-    per_example = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
+    loss = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
     if t_cfg.min_snr_gamma:
         # Min-SNR-gamma (Hang et al. 2023): cap the weight of easy, low-noise timesteps.
         snr = ac[:, 0, 0, 0] / (1 - ac[:, 0, 0, 0])
@@ -105,23 +132,32 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, rng, config, alp
         # At zero terminal SNR the epsilon weight's limit is 1.
         weight = (jnp.where(snr > 0, clipped / jnp.maximum(snr, 1e-20), 1.0)
                   if models.prediction_type == "epsilon" else clipped / (snr + 1))
-        per_example = per_example * weight
-    loss = jnp.mean(per_example)
-    return loss, {"loss": loss}
+        loss = loss * weight
+    return {"loss": loss}
 
 
-def vae_loss(models: P.Models, params: dict, batch: dict, rng, config):
-    """L1 + L2 reconstruction of images in [-1, 1] plus `kl_weight` x KL(q(z|x) || N(0, 1))."""
+def vae_loss(models: P.Models, params: dict, batch: dict, keys, config):
+    """Per example: L1 + L2 reconstruction of images in [-1, 1], `edge_weight` x L1 of their spatial differences, and
+    `kl_weight` x KL(q(z|x) || N(0, 1)).
+
+    The edge term is there because L1/L2 alone are content to blur a sharp edge when the edge is a small part
+    of the image: a small flat square comes back with rounded corners, i.e. as a circle.
+    """
     images = batch["images"]
     mean, logvar = models.vae.apply({"params": params["vae"]}, images, method="encode")
     logvar = jnp.clip(logvar, -30.0, 20.0)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+    z = mean + jnp.exp(0.5 * logvar) * _per_example(jax.random.normal, keys, mean.shape[1:])
     recon = models.vae.apply({"params": params["vae"]}, z, method="decode").astype(jnp.float32)
-    l1 = jnp.mean(jnp.abs(recon - images))
-    l2 = jnp.mean((recon - images) ** 2)
-    kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
-    loss = l1 + l2 + config.train.kl_weight * kl
-    return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl}
+    per_pixel = lambda x: jnp.mean(x, axis=(1, 2, 3))
+    l1 = per_pixel(jnp.abs(recon - images))
+    l2 = per_pixel((recon - images) ** 2)
+    edge = sum(per_pixel(jnp.abs(jnp.diff(recon, axis=a) - jnp.diff(images, axis=a))) for a in (1, 2))
+    kl = 0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+    # `kl_weight` is relative to the reconstruction loss *summed* over an image's values, as in the LDM
+    # paper and SD's VAE (1e-6); the terms above are means, so the KL is divided by that count. (Taken
+    # against the means, 1e-6 caps the latents near 1.5 nats each and the decoder blurs colours together.)
+    loss = l1 + l2 + config.train.edge_weight * edge + config.train.kl_weight * kl / images[0].size
+    return {"loss": loss, "l1": l1, "l2": l2, "edge": edge, "kl": kl}
 
 
 def make_train_step(models: P.Models, config, optimizer) -> Callable:
@@ -134,13 +170,39 @@ def make_train_step(models: P.Models, config, optimizer) -> Callable:
     else:
         trained_components(config)  # raises, naming the mode
 
+    accum = config.train.grad_accum_steps
+
     def train_step(state: TrainState, batch: dict, rng):
-        rng = jax.random.fold_in(rng, state.step)
+        batch = dict(batch)
+        n = batch["images"].shape[0]
+        weights = batch.pop("weights", None)
+        if weights is None:
+            weights = jnp.ones(n, jnp.float32)
+        total = jnp.sum(weights)
+        keys = example_keys(jax.random.fold_in(rng, state.step), n)
 
-        def loss_fn(trained):
-            return objective({**state.frozen, **trained}, batch, rng)
+        def sums_and_grads(micro):
+            """Gradient of this micro-batch's share of the batch loss, and its weighted metric sums."""
+            micro_batch, w, micro_keys = micro
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            def loss_fn(trained):
+                values = objective({**state.frozen, **trained}, micro_batch, micro_keys)
+                return jnp.sum(values["loss"] * w) / total, values
+            (_, values), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            return {k: jnp.sum(v * w) for k, v in values.items()}, grads
+
+        if accum == 1:
+            sums, grads = sums_and_grads((batch, weights, keys))
+        else:
+            if n % accum:
+                raise ValueError(f"a batch of {n} rows does not split into {accum} micro-batches")
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1),
+                                 (batch, weights, keys))
+            first = jax.tree.map(lambda x: x[0], micro)
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, first))
+            add = lambda carry, m: (jax.tree.map(jnp.add, carry, sums_and_grads(m)), None)
+            (sums, grads), _ = jax.lax.scan(add, zero, micro)
+        metrics = {k: v / total for k, v in sums.items()}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = config.train.ema_decay
