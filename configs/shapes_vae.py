@@ -13,7 +13,10 @@ from configs import common
 VAE = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
            block_out_channels=(16, 32, 64), layers_per_block=1,
            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-           norm_num_groups=16, sample_size=64, scaling_factor=1.0)
+           norm_num_groups=4, sample_size=64, scaling_factor=1.0)
+# 4 groups: 4+ channels per GroupNorm group, as in SD (128 channels / 32 groups). With one channel per
+# group the norm is an instance norm, which strips each channel's per-image level: on flat images that
+# is the colour itself, and reconstructions came back in one muddy average colour.
 
 
 def get_config(arg=None):

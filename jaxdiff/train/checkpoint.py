@@ -16,14 +16,19 @@ class Checkpointer:
     """A run's checkpoints under `directory`: `save(step, state)`, `restore_latest(like)`."""
 
     def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=async_save,
-            create=True)
+        if every < 1:
+            raise ValueError(f"checkpoint.every must be >= 1, got {every}")
+        self.every = every
+        # The interval is applied in `save`: Orbax's own would also save the first step of every run.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def save(self, step: int, state, force: bool = False) -> bool:
         """Saves if `step` is on the interval (or `force`); the write finishes in the background."""
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        if not force and step % self.every:
+            return False
+        return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
