@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.caption_dropout = 0.1  # empty prompt this often, for classifier-free guidance
     c.train.min_snr_gamma = 0.0  # 0 = off; 5 is the paper's value
     c.train.train_text_encoder = True
+    c.train.frozen = ()  # param path prefixes kept fixed within trained components, e.g. ("vae/encoder",)
     c.train.sample_posterior = True  # VAE latents: a posterior sample (True) or its mean
     c.train.kl_weight = 1e-6  # vae mode, against the reconstruction loss summed over each image (as SD)
     c.train.edge_weight = 0.0  # vae mode: weight of the L1 loss on image gradients (sharp edges)

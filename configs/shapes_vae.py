@@ -5,6 +5,8 @@ trained for 1800 steps gave back squares with rounded corners (the project's det
 reconstructions right); at f=4 the smallest object spans almost 3 cells.
 
     python main.py train --config configs/shapes_vae.py --workdir runs/shapes_vae
+    python main.py train --config configs/shapes_vae.py:decoder --workdir runs/shapes_vae_decoder \
+        --config.init.path=runs/shapes_vae
     python main.py train --config configs/shapes_vae.py:tiny ...   # seconds, for tests
 """
 
@@ -34,6 +36,12 @@ def get_config(arg=None):
     c.train.edge_weight = 1.0
     c.checkpoint.every = 250
     c.sample_every = 500
+    if arg == "decoder":
+        # Stage 1b: sharpen the decoder alone (as SD's ft-MSE VAE did). The encoder, and so the latent
+        # space a U-Net is trained on, stays bit-identical. --config.init.path=<stage-1 run>.
+        c.init.path, c.init.components = "runs/shapes_vae", ("vae",)
+        c.train.frozen = ("vae/encoder", "vae/quant_conv")
+        c.train.steps, c.train.learning_rate, c.train.lr_schedule = 1000, 2e-4, "constant"
     if arg == "tiny":
         c.model.vae = dict(VAE, block_out_channels=(8, 8, 16), norm_num_groups=4)
         c.data.config = "tiny"

@@ -131,3 +131,31 @@ def test_padding_and_accumulation_change_nothing(module, tfds_dir):
         worst = max(float(np.abs(a - b).max()) for a, b in zip(leaves, plain))
         assert worst <= 1e-6, (padded_rows, accum, worst)
         assert loss == pytest.approx(plain_loss, rel=1e-5), (padded_rows, accum)
+
+
+def test_frozen_subtrees_stay_put(tfds_dir):
+    """`train.frozen` keeps the named subtrees bit-identical (SD-style decoder-only VAE fine-tuning)."""
+    from jaxdiff import pipeline as P
+    from jaxdiff.train import data, step as step_lib
+
+    config = _config(shapes_vae, tfds_dir, **{"train.frozen": ("vae/encoder", "vae/quant_conv"),
+                                              "train.warmup_steps": 0})
+    configs, params, tokenizers = loop.build_pipeline(config)
+    models = P.build_models(configs)
+    optimizer = step_lib.make_optimizer(config)
+    batch = loop._batch_fn(config, data.make_source(config.data), tokenizers, models)(0)
+    state = step_lib.create_state(params, config, optimizer)
+    train_step = jax.jit(step_lib.make_train_step(models, config, optimizer))
+    for i in range(2):
+        state, _ = train_step(state, batch, jax.random.key(i))
+    before, after = params["vae"], state.params["vae"]
+    for name in ("encoder", "quant_conv"):
+        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
+            np.testing.assert_array_equal(a, b)
+    moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(before["decoder"]),
+                                                           jax.tree.leaves(after["decoder"]))]
+    assert max(moved) > 1e-4
+
+    config.train.frozen = ("vae/encodr",)
+    with pytest.raises(ValueError, match="vae/encodr"):
+        step_lib.create_state(params, config, step_lib.make_optimizer(config))

@@ -74,7 +74,30 @@ def make_optimizer(config) -> optax.GradientTransformation:
         raise ValueError(f"unknown train.lr_schedule {t.lr_schedule!r}; choose cosine or constant")
     adam = optax.sgd(lr) if t.optimizer == "sgd" else optax.adamw(
         lr, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adam)
+    optimizer = optax.chain(optax.clip_by_global_norm(t.grad_clip), adam)
+    if t.get("frozen"):  # (.get: runs saved before the field existed restore too)
+        # Updates of frozen subtrees are zeroed (weight decay included); they keep no moments.
+        optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
+                                          lambda params: frozen_labels(params, tuple(t.frozen)))
+    return optimizer
+
+
+def frozen_labels(params: dict, prefixes: tuple[str, ...]) -> dict:
+    """"frozen" for each leaf whose path ("vae/encoder/conv_in/kernel") starts with a prefix, else
+    "trained"; a prefix that matches nothing is an error naming it (a typo would train everything)."""
+    used = set()
+
+    def label(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        hits = {p for p in prefixes if name == p or name.startswith(p.rstrip("/") + "/")}
+        used.update(hits)
+        return "frozen" if hits else "trained"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    if set(prefixes) - used:
+        raise ValueError(f"train.frozen {sorted(set(prefixes) - used)} matches no trained parameter; "
+                         f"paths look like 'vae/encoder' (top level: {sorted(params)})")
+    return labels
 
 
 def create_state(params: dict, config, optimizer) -> TrainState:
