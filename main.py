@@ -82,6 +82,9 @@ def _export_parser(sub):
     p.add_argument("ckpt_dir", help="the run directory (--workdir of train)")
     p.add_argument("out_dir", help="the diffusers folder to write")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--vae-decoder", default=None, metavar="RUN",
+                   help="take the VAE from this run: a decoder-only fine-tune of the VAE the run was "
+                        "trained on (configs/shapes_vae.py:decoder); its encoder must be the same")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -90,6 +93,8 @@ def export(args) -> int:
     from jaxdiff.weights import export as export_lib
 
     pipe = loop.restore_pipeline(args.ckpt_dir, use_ema=not args.raw)
+    if args.vae_decoder:
+        pipe = loop.with_vae_decoder(pipe, loop.restore_pipeline(args.vae_decoder))
     print(export_lib.save(pipe, args.out_dir, overwrite=args.overwrite))
     return 0
 

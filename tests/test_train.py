@@ -148,10 +148,12 @@ def test_frozen_subtrees_stay_put(tfds_dir):
     train_step = jax.jit(step_lib.make_train_step(models, config, optimizer))
     for i in range(2):
         state, _ = train_step(state, batch, jax.random.key(i))
-    before, after = params["vae"], state.params["vae"]
-    for name in ("encoder", "quant_conv"):
-        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
-            np.testing.assert_array_equal(a, b)
+    before = params["vae"]
+    for after in (state.params["vae"], state.ema["vae"]):
+        for name in ("encoder", "quant_conv"):
+            for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
+                np.testing.assert_array_equal(a, b)
+    after = state.params["vae"]
     moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(before["decoder"]),
                                                            jax.tree.leaves(after["decoder"]))]
     assert max(moved) > 1e-4
@@ -159,3 +161,23 @@ def test_frozen_subtrees_stay_put(tfds_dir):
     config.train.frozen = ("vae/encodr",)
     with pytest.raises(ValueError, match="vae/encodr"):
         step_lib.create_state(params, config, step_lib.make_optimizer(config))
+
+
+def test_vae_decoder_swap_checks_the_encoder(tfds_dir):
+    """`main.py export --vae-decoder`: a donor VAE with the same encoder is taken; another is refused."""
+    from jaxdiff import pipeline as P
+
+    configs, params, tokenizers = loop.build_pipeline(_config(shapes_vae, tfds_dir))
+    pipe = P.Pipeline(P.build_models(configs), params, tokenizers, configs, {})
+    donor_vae = jax.tree.map(np.asarray, params["vae"])
+    donor_vae["decoder"] = jax.tree.map(lambda x: x + 1.0, donor_vae["decoder"])
+    donor = P.Pipeline(pipe.models, {**params, "vae": donor_vae}, tokenizers, configs, {})
+    swapped = loop.with_vae_decoder(pipe, donor)
+    np.testing.assert_array_equal(swapped.params["vae"]["decoder"]["conv_in"]["kernel"],
+                                  donor_vae["decoder"]["conv_in"]["kernel"])
+    np.testing.assert_array_equal(swapped.params["unet"]["conv_in"]["kernel"],
+                                  params["unet"]["conv_in"]["kernel"])
+    donor_vae["encoder"] = jax.tree.map(lambda x: x + 1e-3, donor_vae["encoder"])
+    donor = P.Pipeline(pipe.models, {**params, "vae": donor_vae}, tokenizers, configs, {})
+    with pytest.raises(ValueError, match="encoder differs"):
+        loop.with_vae_decoder(pipe, donor)

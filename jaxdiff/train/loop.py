@@ -140,6 +140,29 @@ def restore_pipeline(workdir: str, use_ema: bool = True) -> P.Pipeline:
                       dict(config.export.defaults), path=workdir)
 
 
+# VAE config fields that do not change what the weights mean.
+_VAE_CALIBRATION = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "_diffusers_version")
+
+
+def with_vae_decoder(pipe: P.Pipeline, donor: P.Pipeline, tolerance: float = 1e-5) -> P.Pipeline:
+    """`pipe` with the VAE weights of `donor`, a decoder-only fine-tune of the same VAE
+    (`configs/shapes_vae.py:decoder`). The donor's encoder must be `pipe`'s (within `tolerance`): the
+    U-Net was trained on that encoder's latent space. `pipe`'s latent calibration is kept."""
+    strip = lambda c: {k: v for k, v in c.items() if k not in _VAE_CALIBRATION}
+    if strip(pipe.configs.vae) != strip(donor.configs.vae):
+        raise ValueError("the two VAEs differ in architecture: "
+                         f"{strip(pipe.configs.vae)} vs {strip(donor.configs.vae)}")
+    ours, theirs = pipe.params["vae"], donor.params["vae"]
+    for name in ("encoder", "quant_conv"):
+        worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                    for a, b in zip(jax.tree.leaves(ours[name]), jax.tree.leaves(theirs[name])))
+        if worst > tolerance:
+            raise ValueError(f"the donor VAE's {name} differs from the pipeline's by {worst:.3g} "
+                             f"(> {tolerance}): only a decoder fine-tune keeps the latent space")
+    return P.Pipeline(pipe.models, {**pipe.params, "vae": theirs}, pipe.tokenizers, pipe.configs,
+                      pipe.defaults, path=pipe.path)
+
+
 class MetricsLog:
     """Appends scalars to `metrics.csv` (one row per logged step, columns fixed by the first)."""
 

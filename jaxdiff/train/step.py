@@ -229,7 +229,8 @@ def make_train_step(models: P.Models, config, optimizer) -> Callable:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = config.train.ema_decay
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
+        # e + (1 - d)(p - e), not d e + (1 - d) p: a weight that does not move keeps its EMA bit-exact.
+        ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), state.ema, params)
         metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
