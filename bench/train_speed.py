@@ -1,6 +1,6 @@
 """Training steps/s on 1, 2, 4 and 8 devices for the same global batch, with the ratio to 1 device.
 
-    python bench/train_speed.py [--config configs/shapes_unet.py] [--batch 32] [--steps 10]
+    python bench/train_speed.py [--config configs/shapes_unet.py[:tiny]] [--batch 32] [--steps 10]
         [--devices 1,2,4,8] [--fsdp 1] [--platform cpu|cuda]
 
 Each device count runs in its own process (on CPU, forced host devices: XLA_FLAGS must be set before
@@ -31,10 +31,11 @@ def measure(config_path: str, batch: int, steps: int, fsdp: int) -> dict:
     from jaxdiff.train import loop, step as step_lib
 
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, config_path))
+    path, _, arg = config_path.partition(":")  # configs/NAME.py[:ARG], as main.py train takes it
+    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(arg or None)
     config.init.path, config.init.components = "", ()  # random weights: speed only
     config.init.calibrate_scaling_factor = False
     config.train.batch_size = batch
