@@ -4,7 +4,7 @@ Two objectives over one state shape:
 - "unet": the diffusion objective of the seed: encode images with the frozen VAE, draw t and noise,
   noise the latents, predict the noise (epsilon) or v; optional min-SNR-gamma weighting; captions
   dropped to the empty prompt with some probability so that classifier-free guidance works.
-- "vae": reconstruction (L1 + L2) plus a small KL term towards N(0, 1).
+- "vae": reconstruction (L1 + L2, optionally L1 on image gradients) plus a small KL term towards N(0, 1).
 
 Params are one pipeline pytree ({"text_encoders", "unet", "vae"}); `TrainState.params` holds the
 trained parts and `TrainState.frozen` the rest, so the optimizer never sees frozen weights.
@@ -160,11 +160,11 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, al
 
 
 def vae_loss(models: P.Models, params: dict, batch: dict, keys, config):
-    """Per example: L1 + L2 reconstruction of images in [-1, 1], `edge_weight` x L1 of their spatial differences, and
-    `kl_weight` x KL(q(z|x) || N(0, 1)).
+    """Per example: L1 + L2 reconstruction of images in [-1, 1], `edge_weight` x L1 of their spatial
+    differences, and `kl_weight` x KL(q(z|x) || N(0, 1)).
 
-    The edge term is there because L1/L2 alone are content to blur a sharp edge when the edge is a small part
-    of the image: a small flat square comes back with rounded corners, i.e. as a circle.
+    The edge term is there because L1/L2 alone are content to blur a sharp edge when the edge is a small
+    part of the image: a small flat square comes back with rounded corners, i.e. as a circle.
     """
     images = batch["images"]
     mean, logvar = models.vae.apply({"params": params["vae"]}, images, method="encode")
