@@ -44,10 +44,7 @@ def measure(config_path: str, batch: int, steps: int, fsdp: int) -> dict:
     models = P.build_models(configs)
     optimizer = step_lib.make_optimizer(config)
     mesh = parallel.make_mesh(-1, fsdp)
-    abstract = jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), params)
-    shardings = parallel.shardings_for(abstract, mesh, config.mesh.min_shard_size)
-    state = jax.jit(lambda p: step_lib.create_state(p, config, optimizer), out_shardings=shardings)(
-        parallel.reshard(params, shardings.pipeline_params()))
+    state, train_step = loop.sharded_training(models, params, config, optimizer, mesh)
 
     rng = np.random.default_rng(0)
     res = config.data.resolution
@@ -57,9 +54,6 @@ def measure(config_path: str, batch: int, steps: int, fsdp: int) -> dict:
     if models.family.micro_conditioning:
         host["time_ids"] = P.micro_conditioning_ids(res, res, batch)
     batch_arrays = parallel.host_batch_to_global(host, mesh)
-    replicated = parallel.NamedSharding(mesh, parallel.P())
-    train_step = jax.jit(step_lib.make_train_step(models, config, optimizer), donate_argnums=(0,),
-                         out_shardings=(shardings, replicated))
     key = jax.random.key(0)
     state, metrics = train_step(state, batch_arrays, key)  # compile and warm up
     jax.block_until_ready(metrics)

@@ -308,11 +308,12 @@ class Pipeline:
         return np.asarray(images[:n], np.float32)
 
     def _place(self, inputs: GenerateInputs) -> GenerateInputs:
-        """Batch leaves split over the mesh's batch axes; everything else replicated."""
-        split = lambda x: jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
+        """Batch leaves split over the mesh's batch axes; everything else replicated (each put once)."""
         replicated = parallel.NamedSharding(self.mesh, parallel.P())
-        inputs = jax.device_put(inputs, replicated)
-        return inputs._replace(**{k: jax.tree.map(split, getattr(inputs, k)) for k in BATCH_FIELDS})
+        split = lambda x: jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
+        whole = lambda x: jax.device_put(x, replicated)
+        return GenerateInputs(**{k: jax.tree.map(split if k in BATCH_FIELDS else whole, v)
+                                 for k, v in inputs._asdict().items()})
 
 
 # The fields of GenerateInputs with a leading batch axis.
@@ -382,7 +383,7 @@ def init_params(models: Models, seed: int) -> dict:
     `module.init` would execute (and compile) every op of the forward pass just to create weights.
     """
     def draw(path, leaf):
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         shape, kind = leaf.shape, name.rsplit("/", 1)[-1]
         if kind == "kernel":

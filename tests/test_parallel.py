@@ -213,9 +213,16 @@ def test_checkpoint_reshards_between_meshes(tmp_path):
 
 # -- 2 processes x 2 devices, gloo over localhost ---------------------------------------------
 
-def test_two_processes(tmp_path):
+def free_port() -> int:
+    """A free localhost port for a coordinator."""
     import socket
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes(tmp_path):
     script = tmp_path / "proc.py"
     script.write_text(textwrap.dedent("""
         import numpy as np
@@ -231,9 +238,7 @@ def test_two_processes(tmp_path):
         total = jax.jit(lambda x: jnp.sum(x, axis=0), out_shardings=par.NamedSharding(mesh, par.P()))(g)
         print("proc", pid, jax.process_count(), jax.device_count(), g.shape, np.asarray(total).tolist())
     """))
-    with socket.socket() as s:  # a free port for the coordinator
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for i in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.test_parallel import free_port
 from tests.test_train import _config, tfds_dir  # noqa: F401  (the module-scoped TFDS fixture)
 
 
@@ -75,14 +76,6 @@ def test_meshes_equal_one_device(tfds_dir, tmp_path):
             assert diffs.max() <= 1e-5, (name, diffs.max())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_and_restore_on_two_devices(tfds_dir, tmp_path):
     """launch/local_multiprocess.sh: 2 processes x 4 devices train together and checkpoint; one process
@@ -94,7 +87,7 @@ def test_two_processes_train_and_restore_on_two_devices(tfds_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
     two = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", *flags, "--workdir",
                           str(tmp_path / "two_procs")], cwd=root, capture_output=True, text=True,
-                         env={**env, "PORT": str(_free_port()), "DEVICES_PER_PROC": "4",
+                         env={**env, "PORT": str(free_port()), "DEVICES_PER_PROC": "4",
                               "LOGDIR": str(tmp_path / "logs")}, timeout=600)
     logs = "".join((tmp_path / "logs" / f"proc_{i}.log").read_text() for i in range(2))
     assert two.returncode == 0, two.stderr + logs

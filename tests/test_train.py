@@ -40,23 +40,15 @@ def _losses(workdir):
 
 def _eval_loss(config, params, tokenizers, models, steps=4):
     """The objective on fixed batches and keys: only the params differ between two calls."""
-    import jax.numpy as jnp
-
-    from jaxdiff.sampling import schedules
     from jaxdiff.train import data, step as step_lib
 
-    source = data.make_source(config.data)
-    load = loop._batch_fn(config, source, tokenizers, models)
-    ac = jnp.asarray(schedules.alphas_cumprod(config.model.scheduler.to_dict()))
+    load = loop._batch_fn(config, data.make_source(config.data), tokenizers, models)
+    objective = step_lib.make_objective(models, config)
     total = 0.0
     for i in range(steps):
         batch = load(1000 + i)
-        rng = step_lib.example_keys(jax.random.key(i), len(batch["images"]))
-        if config.mode == "vae":
-            values = step_lib.vae_loss(models, params, batch, rng, config)
-        else:
-            values = step_lib.diffusion_loss(models, params, batch, rng, config, ac)
-        total += float(values["loss"].mean())
+        keys = step_lib.example_keys(jax.random.key(i), len(batch["images"]))
+        total += float(objective(params, batch, keys)["loss"].mean())
     return total / steps
 
 

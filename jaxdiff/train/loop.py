@@ -237,6 +237,21 @@ def _save_samples(config, state, models, configs, tokenizers, batch, workdir, st
     save_pngs(np.concatenate(list(grid), axis=0)[None], out, prefix=f"step_{step:07d}")
 
 
+def sharded_training(models: P.Models, params: dict, config, optimizer, mesh):
+    """(state, train_step): a new TrainState laid out on `mesh` by the one sharding rule, and the
+    jitted step that keeps it there (the state donated, the metrics replicated)."""
+    # Born sharded: the state's layout comes from its shapes, then each leaf is placed once.
+    abstract = jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), params)
+    shardings = parallel.shardings_for(abstract, mesh, config.mesh.min_shard_size)
+    # (`pipeline_params` of the state's shardings is the shardings of the full params tree.)
+    state = jax.jit(lambda p: step_lib.create_state(p, config, optimizer), out_shardings=shardings)(
+        parallel.reshard(params, shardings.pipeline_params()))
+    replicated = parallel.NamedSharding(mesh, parallel.P())
+    train_step = jax.jit(step_lib.make_train_step(models, config, optimizer), donate_argnums=(0,),
+                         out_shardings=(shardings, replicated))
+    return state, train_step
+
+
 def train(config, workdir: str, until_step: int | None = None) -> step_lib.TrainState:
     """Runs (or resumes) the training described by `config` in `workdir`; returns the final state.
 
@@ -263,12 +278,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         logging.info("global batch %d padded to %d (weight-0 rows) to split over %d devices x %d "
                      "micro-batches", config.train.batch_size, padded, parallel.batch_size_divisor(mesh),
                      config.train.grad_accum_steps)
-    # Born sharded: the state's layout comes from its shapes, then each leaf is placed once.
-    abstract = jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), params)
-    shardings = parallel.shardings_for(abstract, mesh, config.mesh.min_shard_size)
-    # (`pipeline_params` of the state's shardings is the shardings of the full params tree.)
-    state = jax.jit(lambda p: step_lib.create_state(p, config, optimizer), out_shardings=shardings)(
-        parallel.reshard(params, shardings.pipeline_params()))
+    state, train_step = sharded_training(models, params, config, optimizer, mesh)
     del params
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -278,9 +288,6 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         logging.info("resumed from step %d", int(state.step))
     start = int(state.step)
 
-    replicated = parallel.NamedSharding(mesh, parallel.P())
-    train_step = jax.jit(step_lib.make_train_step(models, config, optimizer), donate_argnums=(0,),
-                         out_shardings=(shardings, replicated))
     rng = jax.random.key(config.seed)
     log = MetricsLog(os.path.join(workdir, "metrics.csv")) if jax.process_index() == 0 else None
     total = config.train.steps

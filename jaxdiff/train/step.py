@@ -88,7 +88,7 @@ def frozen_labels(params: dict, prefixes: tuple[str, ...]) -> dict:
     used = set()
 
     def label(path, _):
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         hits = {p for p in prefixes if name == p or name.startswith(p.rstrip("/") + "/")}
         used.update(hits)
         return "frozen" if hits else "trained"
@@ -183,16 +183,19 @@ def vae_loss(models: P.Models, params: dict, batch: dict, keys, config):
     return {"loss": loss, "l1": l1, "l2": l2, "edge": edge, "kl": kl}
 
 
-def make_train_step(models: P.Models, config, optimizer) -> Callable:
-    """`train_step(state, batch, rng) -> (state, metrics)`, pure; jit it (donating the state)."""
+def make_objective(models: P.Models, config) -> Callable:
+    """`objective(params, batch, keys) -> {"loss": [B], ...}`: the per-example loss of `config.mode`."""
     if config.mode == "unet":
         ac = jnp.asarray(schedules.alphas_cumprod(config.model.scheduler.to_dict()))
-        objective = lambda p, b, r: diffusion_loss(models, p, b, r, config, ac)
-    elif config.mode == "vae":
-        objective = lambda p, b, r: vae_loss(models, p, b, r, config)
-    else:
-        trained_components(config)  # raises, naming the mode
+        return lambda p, b, k: diffusion_loss(models, p, b, k, config, ac)
+    if config.mode == "vae":
+        return lambda p, b, k: vae_loss(models, p, b, k, config)
+    trained_components(config)  # raises, naming the mode
 
+
+def make_train_step(models: P.Models, config, optimizer) -> Callable:
+    """`train_step(state, batch, rng) -> (state, metrics)`, pure; jit it (donating the state)."""
+    objective = make_objective(models, config)
     accum = config.train.grad_accum_steps
 
     def train_step(state: TrainState, batch: dict, rng):
