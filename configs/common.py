@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.train_text_encoder = True
     c.train.frozen = ()  # param path prefixes kept fixed within trained components, e.g. ("vae/encoder",)
     c.train.sample_posterior = True  # VAE latents: a posterior sample (True) or its mean
+    # U-Net mode: encode the whole data set once before training instead of every batch (the same
+    # training, without the frozen encoder in each step; costs N x latent size x 2 floats of host memory)
+    c.train.cache_latents = False
     c.train.kl_weight = 1e-6  # vae mode, against the reconstruction loss summed over each image (as SD)
     c.train.edge_weight = 0.0  # vae mode: weight of the L1 loss on image gradients (sharp edges)
 

@@ -168,17 +168,25 @@ def decode(models: Models, vae_params, latents) -> jax.Array:
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def encode_images(models: Models, vae_params, images, noise=None) -> jax.Array:
-    """Images [B, H, W, 3] in [0, 1] -> scaled latents: the posterior mean, or with `noise` (standard
-    normal, the latents' shape) the posterior sample mean + std * noise."""
+def posterior(models: Models, vae_params, images) -> tuple[jax.Array, jax.Array]:
+    """Images [B, H, W, 3] in [0, 1] -> (mean, std) of the VAE's posterior, unscaled latents."""
     mean, logvar = models.vae.apply({"params": vae_params}, images * 2 - 1, method="encode")
-    latents = mean
-    if noise is not None:
-        latents = mean + jnp.exp(0.5 * jnp.clip(logvar, -30, 20)) * noise
+    return mean, jnp.exp(0.5 * jnp.clip(logvar, -30, 20))
+
+
+def scale_latents(models: Models, latents) -> jax.Array:
+    """VAE latents -> the scaled latents the U-Net works in (`decode` undoes this)."""
     if models.latents_mean is not None:
         return (latents - jnp.asarray(models.latents_mean)) * models.scaling_factor / jnp.asarray(
             models.latents_std)
     return (latents - (models.shift_factor or 0.0)) * models.scaling_factor
+
+
+def encode_images(models: Models, vae_params, images, noise=None) -> jax.Array:
+    """Images [B, H, W, 3] in [0, 1] -> scaled latents: the posterior mean, or with `noise` (standard
+    normal, the latents' shape) the posterior sample mean + std * noise."""
+    mean, std = posterior(models, vae_params, images)
+    return scale_latents(models, mean if noise is None else mean + std * noise)
 
 
 def generate(models: Models, params, inputs: GenerateInputs, sampler: str, guidance: bool):

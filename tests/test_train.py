@@ -127,6 +127,33 @@ def test_padding_and_accumulation_change_nothing(module, cases, tfds_dir):
         assert loss == pytest.approx(plain_loss, rel=1e-5), (padded_rows, accum)
 
 
+def test_cached_latents_train_the_same(tfds_dir, tmp_path):
+    """`train.cache_latents` encodes the data set once; the run it gives is the uncached run (the
+    posterior is a function of the image, and each row keeps its own posterior noise)."""
+    from jaxdiff import pipeline as P
+    from jaxdiff.train import data
+
+    config = _config(shapes_unet, tfds_dir, **{"train.steps": 3, "train.batch_size": 6})
+    plain = loop.train(config, str(tmp_path / "plain"))
+    config.train.cache_latents = True
+    cached = loop.train(config, str(tmp_path / "cached"))
+    worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(cached.params)))
+    assert worst <= 1e-6, worst
+
+    configs, params, tokenizers = loop.build_pipeline(config)
+    source = data.make_source(config.data)
+    cache = loop.cache_posteriors(P.build_models(configs), params["vae"], source, batch_size=100)
+    assert len(cache) == len(source) and cache.captions == source.captions
+    batch = data.batch_at(cache, 0, 4, seed=0)
+    assert "images" not in batch and batch["posterior"].shape == (4, 16, 16, 2 * configs.vae["latent_channels"])
+    with pytest.raises(ValueError, match="cannot flip posterior"):
+        data.batch_at(cache, 0, 4, seed=0, flip=True)
+    config.mode = "vae"
+    with pytest.raises(ValueError, match="cache_latents is for mode 'unet'"):
+        loop.train(config, str(tmp_path / "vae"))
+
+
 def test_frozen_subtrees_stay_put(tfds_dir):
     """`train.frozen` keeps the named subtrees bit-identical (SD-style decoder-only VAE fine-tuning)."""
     from jaxdiff import pipeline as P

@@ -2,6 +2,7 @@
 
     source = make_source(config.data)                # tfds "shapes" or a folder of captioned images
     batch = batch_at(source, step, 256, seed=0)      # {"images": f32 [256, H, W, 3] in [-1, 1], "captions"}
+    # (a source of cached latents gives {"posterior": ...} instead of "images")
     with Prefetcher(lambda s: batch_at(source, s, 256, 0), start_step) as batches:
         for step, batch in batches: ...
 
@@ -27,26 +28,30 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 ON_BAD_IMAGE = ("skip", "error")
+FIELDS = ("images", "posterior")  # what a source's arrays are; batch_at returns them under this key
 
 
 # --- sources ------------------------------------------------------------------------------------------------
 
 class ArraySource:
-    """Examples held in memory: uint8 images [N, H, W, 3] and N captions."""
+    """Examples held in memory: N arrays and N captions. `field` names what the arrays are: "images"
+    (uint8 [N, H, W, 3]) or "posterior" (float32 VAE posterior mean and std, see `train.cache_latents`)."""
 
-    def __init__(self, images: np.ndarray, captions: Sequence[str]):
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-        if len(captions) != len(images):
-            raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        self.images, self.captions = images, [str(c) for c in captions]
+    def __init__(self, arrays: np.ndarray, captions: Sequence[str], field: str = "images"):
+        arrays = np.asarray(arrays)
+        if field == "images" and (arrays.dtype != np.uint8 or arrays.ndim != 4 or arrays.shape[-1] != 3):
+            raise ValueError(f"images must be uint8 [N, H, W, 3], got {arrays.dtype} {arrays.shape}")
+        if field not in FIELDS:
+            raise ValueError(f"unknown field {field!r}; choose one of {FIELDS}")
+        if len(captions) != len(arrays):
+            raise ValueError(f"{len(arrays)} {field} but {len(captions)} captions")
+        self.arrays, self.captions, self.field = arrays, [str(c) for c in captions], field
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.arrays)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
-        return self.images[index], self.captions[index]
+        return self.arrays[index], self.captions[index]
 
 
 def tfds_source(name: str = "shapes", split: str = "train", data_dir: str | None = None,
@@ -228,12 +233,18 @@ def batch_at(source, step: int, global_batch: int, seed: int, process_index: int
     b = global_batch // process_count
     start = step * global_batch + process_index * b
     indices, flips = stream_examples(np.arange(start, start + b, dtype=np.int64), len(source), seed)
-    images, captions = [], []
+    field = getattr(source, "field", "images")
+    if flip and field != "images":
+        raise ValueError(f"cannot flip {field}: only images (a flipped image's latents are not the "
+                         "flipped latents)")
+    arrays, captions = [], []
     for index, flipped in zip(indices, flips & flip):
-        image, caption = source[int(index)]
-        images.append(image[:, ::-1] if flipped else image)
+        array, caption = source[int(index)]
+        arrays.append(array[:, ::-1] if flipped else array)
         captions.append(caption)
-    return {"images": np.stack(images).astype(np.float32) / 127.5 - 1.0, "captions": captions}
+    stacked = np.stack(arrays)
+    return {field: stacked.astype(np.float32) / 127.5 - 1.0 if field == "images" else stacked,
+            "captions": captions}
 
 
 # --- prefetching --------------------------------------------------------------------------------------------

@@ -119,17 +119,19 @@ def _per_example(sampler, keys, *args):
 
 
 def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, alphas_cumprod):
-    """Per-example noise-prediction loss of the U-Net on VAE latents of `batch["images"]` (in [-1, 1]);
-    `keys`: one PRNG key per row (`example_keys`)."""
+    """Per-example noise-prediction loss of the U-Net on VAE latents of `batch["images"]` (in [-1, 1]),
+    or of `batch["posterior"]` (the VAE posterior's mean and std concatenated on channels, cached by
+    `train.cache_latents`); `keys`: one PRNG key per row (`example_keys`)."""
     t_cfg = config.train
     k_lat, k_t, k_eps, k_drop = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 4))(keys), 1, 0)
-    images = batch["images"]
-    encode = lambda x, noise=None: P.encode_images(models, params["vae"], x / 2 + 0.5, noise)
-    posterior_noise = None
+    if "posterior" in batch:
+        mean, std = jnp.split(batch["posterior"], 2, axis=-1)
+    else:
+        mean, std = P.posterior(models, params["vae"], batch["images"] / 2 + 0.5)
+    mean, std = jax.lax.stop_gradient((mean, std))
     if t_cfg.sample_posterior:
-        latent_shape = jax.eval_shape(encode, images[:1]).shape[1:]  # shapes only: nothing is computed
-        posterior_noise = _per_example(jax.random.normal, k_lat, latent_shape)
-    latents = jax.lax.stop_gradient(encode(images, posterior_noise))
+        mean = mean + std * _per_example(jax.random.normal, k_lat, mean.shape[1:])
+    latents = P.scale_latents(models, mean)
 
     # Caption dropout: swap in the empty prompt so the same U-Net learns the unconditional model.
     drop = _per_example(jax.random.uniform, k_drop) < t_cfg.caption_dropout
@@ -200,7 +202,7 @@ def make_train_step(models: P.Models, config, optimizer) -> Callable:
 
     def train_step(state: TrainState, batch: dict, rng):
         batch = dict(batch)
-        n = batch["images"].shape[0]
+        n = jax.tree.leaves(batch)[0].shape[0]
         weights = batch.pop("weights", None)
         if weights is None:
             weights = jnp.ones(n, jnp.float32)
