@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()  # components taken from a diffusers folder or a run dir
     c.init.path = ""
-    c.init.components = ()  # of "text_encoders", "unet", "vae"
+    c.init.components = ()  # of "text_encoders", "unet", "vae", "scheduler" (else config.model's)
     c.init.calibrate_scaling_factor = False  # set the VAE's scaling_factor to 1/std of its latents
 
     c.data = ml_collections.ConfigDict()

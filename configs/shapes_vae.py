@@ -21,7 +21,12 @@ VAE = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_ch
 # is the colour itself, and reconstructions came back in one muddy average colour.
 
 
+VARIANTS = ('tiny', 'decoder')  # configs/NAME.py:VARIANT
+
+
 def get_config(arg=None):
+    if arg not in (None,) + VARIANTS:
+        raise ValueError(f"unknown variant {arg!r} of {__name__}; choose one of {VARIANTS}")
     c = common.base_config()
     c.mode = "vae"
     c.model.vae = dict(VAE)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+import jaxdiff
 import main
 from configs import shapes_unet, shapes_vae
 from jaxdiff.train import loop
@@ -79,11 +80,37 @@ def test_resume_is_bit_identical(tfds_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_init_takes_the_scheduler_only_when_named(tfds_dir, pipeline_dir):
+    """The objective follows config.model.scheduler (an eps model can be fine-tuned into v-prediction)
+    unless init.components names "scheduler"."""
+    folder = pipeline_dir("sd1")
+    config = _config(shapes_unet, tfds_dir, **{"init.path": folder,
+                                               "init.components": ("text_encoders", "unet", "vae")})
+    config.model.scheduler.prediction_type = "v_prediction"
+    configs, params, _ = loop.build_pipeline(config)
+    base = jaxdiff.load(folder)
+    assert base.configs.scheduler["prediction_type"] == "epsilon"
+    assert configs.scheduler == config.model.scheduler.to_dict()
+    assert configs.unet == base.configs.unet and configs.pipeline_class == base.configs.pipeline_class
+    np.testing.assert_array_equal(params["unet"]["conv_in"]["kernel"], base.params["unet"]["conv_in"]["kernel"])
+    config.init.components = ("text_encoders", "unet", "vae", "scheduler")
+    assert loop.build_pipeline(config)[0].scheduler == base.configs.scheduler
+    config.init.components = ("unet", "sheduler")
+    with pytest.raises(ValueError, match="sheduler"):
+        loop.build_pipeline(config)
+
+
 def test_unknown_config_key_is_named(tmp_path, capsys):
     rc = main.main(["train", "--config", "configs/shapes_vae.py:tiny", "--workdir", str(tmp_path),
                     "--config.train.stepz=3"])
     assert rc == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_unknown_config_variant_is_named(tmp_path, capsys):
+    rc = main.main(["train", "--config", "configs/shapes_vae.py:tinny", "--workdir", str(tmp_path)])
+    assert rc == 2
+    assert "unknown variant 'tinny'" in capsys.readouterr().err
 
 
 def test_unknown_mode_is_named(tfds_dir, tmp_path):

@@ -33,7 +33,8 @@ from jaxdiff.train import data, step as step_lib
 from jaxdiff.train.checkpoint import Checkpointer
 
 RUN_CONFIG, RUN_PIPELINE = "config.json", "pipeline.json"
-COMPONENTS = ("text_encoders", "unet", "vae")
+COMPONENTS = ("text_encoders", "unet", "vae")  # the param subtrees of a pipeline
+INIT_COMPONENTS = COMPONENTS + ("scheduler",)  # what config.init may take from another model
 
 
 def _load_init(path: str) -> P.Pipeline:
@@ -45,18 +46,23 @@ def _load_init(path: str) -> P.Pipeline:
 
 def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
     """(configs, params, tokenizers) the run starts from: components named in `config.init`
-    come from `config.init.path`, the rest are built from `config.model` with random weights."""
+    come from `config.init.path`, the rest are built from `config.model` with random weights.
+
+    The scheduler (which defines the objective: its noise schedule and prediction type) is
+    `config.model.scheduler` unless "scheduler" is named too, so a model can be fine-tuned to a new
+    prediction type, as SD 2 turned an epsilon model into a v-prediction one.
+    """
     take = tuple(config.init.components) if config.init.path else ()
-    unknown = set(take) - set(COMPONENTS)
+    unknown = set(take) - set(INIT_COMPONENTS)
     if unknown:
-        raise ValueError(f"unknown init.components {sorted(unknown)}; choose from {COMPONENTS}")
+        raise ValueError(f"unknown init.components {sorted(unknown)}; choose from {INIT_COMPONENTS}")
     base = _load_init(config.init.path) if take else None
     if base is not None and "text_encoders" in take:
         tokenizers = list(base.tokenizers)
     else:
         tokenizers = [text.build_tokenizer(config.model.tokenizer_words, config.model.max_length)]
-    if len(take) == len(COMPONENTS):
-        configs = base.configs
+    if set(take) >= set(COMPONENTS):
+        configs = base.configs  # its pipeline class too (an SDXL folder stays SDXL)
     else:
         tok = tokenizers[0]
         # The vocabulary and special ids follow the tokenizer, so config and tokenizer cannot disagree.
@@ -69,9 +75,11 @@ def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
             scheduler=config.model.scheduler.to_dict())
         if base is not None:
             configs = dataclasses.replace(configs, **{k: getattr(base.configs, k) for k in take})
+    if "scheduler" not in take:
+        configs = dataclasses.replace(configs, scheduler=config.model.scheduler.to_dict())
     params = P.init_params(P.build_models(configs), config.seed)
     if base is not None:
-        params.update({k: base.params[k] for k in take})
+        params.update({k: base.params[k] for k in take if k in COMPONENTS})
     return configs, params, tokenizers
 
 
