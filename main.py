@@ -85,6 +85,9 @@ def _export_parser(sub):
     p.add_argument("--vae-decoder", default=None, metavar="RUN",
                    help="take the VAE from this run: a decoder-only fine-tune of the VAE the run was "
                         "trained on (configs/shapes_vae.py:decoder); its encoder must be the same")
+    p.add_argument("--sampler", default=None, help="the folder's default sampler (else the run config's)")
+    p.add_argument("--steps", type=int, default=None, help="the folder's default step count")
+    p.add_argument("--cfg", type=float, default=None, help="the folder's default guidance scale")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -95,6 +98,9 @@ def export(args) -> int:
     pipe = loop.restore_pipeline(args.ckpt_dir, use_ema=not args.raw)
     if args.vae_decoder:
         pipe = loop.with_vae_decoder(pipe, loop.restore_pipeline(args.vae_decoder))
+    overrides = {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg}
+    pipe.defaults.update({k: v for k, v in overrides.items() if v is not None})
+    pipe.prepare("", steps=pipe.defaults["steps"], sampler=pipe.defaults["sampler"])  # names a bad value
     print(export_lib.save(pipe, args.out_dir, overwrite=args.overwrite))
     return 0
 

@@ -32,11 +32,17 @@ def get_config(arg=None):
     c.model.text_encoder = dict(TEXT_ENCODER)
     c.model.vae = dict(shapes_vae.VAE)
     c.model.max_length = 16  # captions of the shapes grammar are at most 12 tokens with BOS/EOS
-    # v-prediction, as SD 2. Where the image's layout is decided (how many objects, where), the noise
-    # is high: SNR 0.005..0.3. An epsilon loss weighs the error of the implied clean image there by
-    # the SNR itself (and min-SNR-gamma keeps that), so an epsilon model learns colours and outlines
-    # long before counts and relations; the v loss weighs it by SNR + 1, i.e. fully.
-    c.model.scheduler = dict(common.SD_SCHEDULER, prediction_type="v_prediction")
+    # v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024, "Common Diffusion Noise Schedules
+    # and Sample Steps Are Flawed"; diffusers' rescale_betas_zero_snr + trailing timesteps).
+    # - At SD's last timestep the latents keep sqrt(0.0047) of their signal. A shapes object covers
+    #   4x4 of the 16x16 latents, so its 64 values add up to an SNR near 1: the model learns to find
+    #   objects in the "noise" at t=999, and sampling from pure noise then finds them wherever the
+    #   noise happens to look like one: extra objects, and relations the prompt did not ask for.
+    # - Zero SNR needs v-prediction (an epsilon model's clean-image estimate divides by 0 there); it
+    #   also weighs the error of the implied clean image by SNR + 1 instead of the SNR (epsilon), so
+    #   the high-noise steps, where the layout is decided, are learned with full weight.
+    c.model.scheduler = dict(common.SD_SCHEDULER, prediction_type="v_prediction",
+                             rescale_betas_zero_snr=True, timestep_spacing="trailing")
     c.init.path = "runs/shapes_vae"
     c.init.components = ("vae",)
     c.init.calibrate_scaling_factor = True

@@ -100,6 +100,19 @@ def test_init_takes_the_scheduler_only_when_named(tfds_dir, pipeline_dir):
         loop.build_pipeline(config)
 
 
+def test_export_cli_writes_a_loadable_folder_with_its_defaults(tfds_dir, tmp_path, capsys):
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    loop.train(_config(shapes_unet, tfds_dir, **{"train.steps": 2}), run)
+    assert main.main(["export", run, out, "--sampler", "ddim", "--steps", "3", "--cfg", "2.5"]) == 0
+    pipe = jaxdiff.load(out)
+    assert pipe.defaults == {"sampler": "ddim", "steps": 3, "guidance_scale": 2.5}
+    assert pipe.configs.scheduler["prediction_type"] == "v_prediction"
+    assert pipe.generate("a red circle").shape == (1, 64, 64, 3)
+    assert main.main(["export", run, str(tmp_path / "bad"), "--sampler", "eular"]) == 2
+    assert "unknown sampler 'eular'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_unknown_config_key_is_named(tmp_path, capsys):
     rc = main.main(["train", "--config", "configs/shapes_vae.py:tiny", "--workdir", str(tmp_path),
                     "--config.train.stepz=3"])
