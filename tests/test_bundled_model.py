@@ -1,0 +1,54 @@
+"""The bundled shapes model: loads with no argument, generates from the CLI, and follows prompts."""
+
+import os
+
+import numpy as np
+import pytest
+
+import jaxdiff
+import main
+from jaxdiff.eval import prompt_adherence
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return jaxdiff.load()
+
+
+def test_load_without_path_is_the_bundled_model(bundled):
+    assert os.path.samefile(bundled.path, jaxdiff.pipeline.BUNDLED_MODEL)
+    assert set(bundled.defaults) >= {"sampler", "steps", "guidance_scale"}
+    images = bundled.generate("a red circle", seed=0)
+    assert images.shape == (1, 64, 64, 3) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_bundled_model_is_small():
+    total = sum(os.path.getsize(os.path.join(d, f))
+                for d, _, files in os.walk(jaxdiff.pipeline.BUNDLED_MODEL) for f in files)
+    assert total <= 50 * 2 ** 20, total
+
+
+def test_cli_generate_without_model_writes_png(tmp_path):
+    from PIL import Image
+
+    rc = main.main(["generate", "a red circle above a blue square", "--out", str(tmp_path)])
+    assert rc == 0
+    assert Image.open(tmp_path / "image_000.png").size == (64, 64)
+
+
+@pytest.mark.slow
+def test_bundled_model_follows_prompts(bundled):
+    """A regression guard on a small sample, well below what the shipped model measures (0.4 on 64
+    captions; the README reports the full `main.py eval` numbers): a broken load or sampler scores ~0.
+    The issue's target (0.95) is not met yet, and this test does not pretend it is."""
+    scores, _, _ = prompt_adherence.evaluate(bundled, n=48, seed=123)
+    assert scores["overall"] >= 0.2 and scores["single"] >= 0.4, scores
+
+
+def test_eval_cli_prints_every_kind(pipeline_dir, capsys):
+    rc = main.main(["eval", "--model", pipeline_dir("sd1"), "--n", "6", "--steps", "1",
+                    "--batch-size", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "overall:" in out and "n: 6" in out
