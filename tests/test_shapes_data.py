@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from jaxdiff.data import shapes
-from jaxdiff.eval import detector
+from jaxdiff.eval import detector, prompt_adherence
 
 R = 64
 N = 2000  # ground-truth examples for the geometry and detector checks
@@ -156,11 +156,13 @@ def test_detector_is_exact_on_ground_truth(validation, detections):
             assert np.allclose(d.centroid, o.centroid, atol=0.5) and d.bbox == tuple(int(v) for v in o.bbox)
     assert all(detector.matches(found, text) for found, text in zip(detections, captions))
     result = detector.score(images[:200], captions[:200])  # score() detects again: a subset shows its output
-    assert result == {"overall": 1.0, "single": 1.0, **{r: 1.0 for r in shapes.RELATIONS}, "n": 200}
+    assert result == {"overall": 1.0, "single": 1.0, **{r: 1.0 for r in shapes.RELATIONS}, "n": 200,
+                      "failures": {}}
 
 
 def wrong_captions(scene, rng):
-    """Captions that are false for the scene: a colour, a shape or the relation changed, an object missing."""
+    """(caption, reason) pairs false for the scene: a colour, a shape or the relation changed, an
+    object missing or extra; the reason is what `detector.failure` should say."""
     labels = [(o.colour, o.shape) for o in scene.objects]
     used = {c for c, _ in labels}
     i = rng.integers(len(labels))
@@ -169,28 +171,46 @@ def wrong_captions(scene, rng):
     other = (str(rng.choice([c for c in shapes.COLOURS if c not in used])), "circle")
     flip = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
             "below": "above"}
-    out = [
+    changed = [
         [(str(colour), s) if j == i else (c, s) for j, (c, s) in enumerate(labels)],
         [(c, str(shape)) if j == i else (c, s) for j, (c, s) in enumerate(labels)],
     ]
+    out = [(shapes.format_caption(x, scene.relation), "wrong object") for x in changed]
     if scene.relation:
-        out = [shapes.format_caption(x, scene.relation) for x in out]
-        out += [shapes.format_caption(labels, flip[scene.relation]),  # relation flipped
-                shapes.format_caption(labels[::-1], scene.relation),  # objects swapped
-                shapes.format_caption(labels[:1], None),  # an extra object in the image
-                shapes.format_caption(labels[1:], None)]
+        out += [(shapes.format_caption(labels, flip[scene.relation]), "relation reversed"),
+                (shapes.format_caption(labels[::-1], scene.relation), "relation reversed"),  # objects swapped
+                (shapes.format_caption(labels[:1], None), "extra object"),
+                (shapes.format_caption(labels[1:], None), "extra object")]
     else:
-        out = [shapes.format_caption(x, None) for x in out]
-        out += [shapes.format_caption(labels + [other], "above")]  # a named object missing
+        out += [(shapes.format_caption(labels + [other], "above"), "missing object")]
     return out
 
 
-def test_detector_rejects_wrong_captions(validation, detections):
+def test_detector_rejects_wrong_captions_and_says_why(validation, detections):
     rng = np.random.default_rng(0)
     for scene, found in zip(validation[0], detections):
         assert detector.matches(found, shapes.caption(scene))
-        for text in wrong_captions(scene, rng):
+        assert detector.failure(found, shapes.caption(scene)) is None
+        for text, reason in wrong_captions(scene, rng):
             assert not detector.matches(found, text), (shapes.caption(scene), text)
+            assert detector.failure(found, text) == reason, (shapes.caption(scene), text)
+
+
+def test_relation_on_the_wrong_axis_is_told_from_a_reversed_one():
+    # Side by side on one row: "above" has no vertical gap to hold; "to the right of" is reversed.
+    scene = shapes.Scene("white", (shapes.ShapeObject("red", "square", 16, 32, 14),
+                                   shapes.ShapeObject("blue", "circle", 48, 32, 14)), "to the left of")
+    found = detector.detect(shapes.render(scene, R))
+    assert detector.failure(found, "a red square to the left of a blue circle") is None
+    assert detector.failure(found, "a red square above a blue circle") == "relation on the wrong axis"
+    assert detector.failure(found, "a blue circle below a red square") == "relation on the wrong axis"
+    assert detector.failure(found, "a red square to the right of a blue circle") == "relation reversed"
+    images = np.stack([shapes.render(scene, R)] * 3)
+    captions = ["a red square to the left of a blue circle", "a red square above a blue circle",
+                "a red square to the right of a blue circle"]
+    result = detector.score(images, captions)
+    assert result["failures"] == {"relation on the wrong axis": 1, "relation reversed": 1}
+    assert "relation reversed 1" in prompt_adherence.format_scores(result)
 
 
 @pytest.mark.parametrize("corrupt", ["noise", "blur", "blur+noise"])

@@ -2,7 +2,9 @@
 
     detect(image)              -> [Detection(colour, shape, centroid, bbox, area), ...]
     is_correct(image, caption) -> bool
-    score(images, captions)    -> {"overall": 0.93, "single": 0.98, "above": 0.9, ..., "n": 200}
+    failure(detect(image), caption) -> None, or why it fails: "extra object", "relation reversed", ...
+    score(images, captions)    -> {"overall": 0.93, "single": 0.98, "above": 0.9, ..., "n": 200,
+                                   "failures": {"relation reversed": 9, ...}}
 
 It reads ground-truth images exactly and tolerates what a generator gets slightly wrong (noise, blur, colours
 a little off): the background is the median border colour; each pixel is unmixed as a blend of the background
@@ -127,21 +129,42 @@ def is_correct(image, caption: str) -> bool:
     return matches(detect(image), caption)
 
 
-def matches(detections: list[Detection], caption: str) -> bool:
-    """Just the named objects (colour and shape) are detected and, for two, their centroids' relation holds.
+# Why an image fails its caption, checked in this order: the first that applies is the reason.
+FAILURES = ("missing object", "extra object", "wrong object", "relation on the wrong axis",
+            "relation reversed")
 
+
+def failure(detections: list[Detection], caption: str) -> str | None:
+    """Why the detections do not fit the caption (one of `FAILURES`), or None when they do: just the
+    named objects (colour and shape) are there and, for two, their centroids' relation holds.
+
+    A failed relation is "reversed" when the objects are the other way round by at least half the
+    smaller one's size (the generator keeps a whole object size), else "on the wrong axis": they are
+    not apart along the relation's axis (side by side for above/below, stacked for left/right).
     Raises ValueError if the caption is outside the grammar.
     """
     labels, relation = shapes.parse_caption(caption)
-    if len(detections) != len(labels):  # a missing or an extra object
-        return False
+    if len(detections) != len(labels):
+        return "missing object" if len(detections) < len(labels) else "extra object"
     matched = []
     for colour, shape in labels:
         hits = [d for d in detections if (d.colour, d.shape) == (colour, shape)]
         if len(hits) != 1:
-            return False
+            return "wrong object"
         matched.append(hits[0])
-    return relation is None or shapes.relation_holds(matched[0].centroid, matched[1].centroid, relation)
+    if relation is None:
+        return None
+    a, b = matched[0].centroid, matched[1].centroid
+    if shapes.relation_holds(a, b, relation):
+        return None
+    smaller = min(max(d.bbox[2] - d.bbox[0], d.bbox[3] - d.bbox[1]) for d in matched)
+    reversed_by = -shapes.relation_gap(a, b, relation)
+    return "relation reversed" if reversed_by >= smaller / 2 else "relation on the wrong axis"
+
+
+def matches(detections: list[Detection], caption: str) -> bool:
+    """The spec's correctness: `failure` finds nothing wrong."""
+    return failure(detections, caption) is None
 
 
 def caption_kind(caption: str) -> str:
@@ -150,14 +173,17 @@ def caption_kind(caption: str) -> str:
 
 
 def score(images, captions) -> dict:
-    """Fraction correct: "overall", per kind present ("single" and each relation), and "n" images."""
+    """Fraction correct: "overall", per kind present ("single" and each relation), "n" images, and
+    "failures": how many images failed for each reason of `FAILURES` that occurred."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    correct = np.array([is_correct(im, c) for im, c in zip(images, captions)], bool)
+    reasons = [failure(detect(im), c) for im, c in zip(images, captions)]
+    correct = np.array([r is None for r in reasons], bool)
     kinds = np.array([caption_kind(c) for c in captions])
     result = {"overall": float(correct.mean()) if len(correct) else float("nan")}
     for kind in ("single",) + shapes.RELATIONS:
         if (kinds == kind).any():
             result[kind] = float(correct[kinds == kind].mean())
     result["n"] = len(correct)
+    result["failures"] = {r: reasons.count(r) for r in FAILURES if r in reasons}
     return result

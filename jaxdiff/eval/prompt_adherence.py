@@ -24,7 +24,12 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, **generate
 
 
 def format_scores(scores: dict) -> str:
-    """One line per kind: overall first, then single objects, then each relation."""
+    """One line per kind: overall first, then single objects, then each relation; then the count of
+    failed images per reason (see `detector.FAILURES`)."""
     order = ["overall", "single"] + [r for r in shapes.RELATIONS if r in scores]
-    return "\n".join(f"{kind:>16}: {scores[kind]:.3f}" for kind in order if kind in scores) + \
-        f"\n{'n':>16}: {scores['n']}"
+    lines = [f"{kind:>16}: {scores[kind]:.3f}" for kind in order if kind in scores]
+    lines.append(f"{'n':>16}: {scores['n']}")
+    failures = scores.get("failures", {})
+    if failures:
+        lines.append("failed images, by reason: " + ", ".join(f"{r} {k}" for r, k in failures.items()))
+    return "\n".join(lines)
