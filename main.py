@@ -58,6 +58,9 @@ def _eval_parser(sub):
     p.add_argument("--sampler", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--save", default=None, help="also write the images and captions to this folder")
+    p.add_argument("--relation-sensitivity", action="store_true",
+                   help="also redraw each two-object caption with the opposite relation from the same "
+                        "noise, and print how often the image changes (0: the relation is not read)")
 
 
 def evaluate(args) -> int:
@@ -74,6 +77,12 @@ def evaluate(args) -> int:
         with open(f"{args.save}/captions.txt", "w") as f:
             f.write("\n".join(captions) + "\n")
     print(prompt_adherence.format_scores(scores))
+    if args.relation_sensitivity:
+        s = prompt_adherence.relation_sensitivity(
+            pipe, n=args.n, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
+            guidance_scale=args.cfg, sampler=args.sampler)
+        print(f"relation sensitivity: {s['changed']:.3f} of {s['n']} images change when the relation is "
+              f"reversed (mean |difference| {s['mean_difference']:.4f})")
     return 0
 
 

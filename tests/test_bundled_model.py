@@ -48,7 +48,30 @@ def test_bundled_model_follows_prompts(bundled):
 
 def test_eval_cli_prints_every_kind(pipeline_dir, capsys):
     rc = main.main(["eval", "--model", pipeline_dir("sd1"), "--n", "6", "--steps", "1",
-                    "--batch-size", "3"])
+                    "--batch-size", "3", "--relation-sensitivity"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "overall:" in out and "n: 6" in out
+    assert "relation sensitivity:" in out
+
+
+class _FakePipe:
+    """Images that depend on the noise seed only, or also on the caption's words."""
+
+    def __init__(self, reads_text: bool):
+        self.reads_text = reads_text
+
+    def generate(self, captions, seed):
+        images = []
+        for i, c in enumerate(captions):
+            rng = np.random.default_rng([seed, i] + ([sum(map(ord, c))] if self.reads_text else []))
+            images.append(rng.random((8, 8, 3)))
+        return np.stack(images)
+
+
+@pytest.mark.parametrize("reads_text, changed", [(False, 0.0), (True, 1.0)])
+def test_relation_sensitivity_tells_a_relation_blind_model(reads_text, changed):
+    result = prompt_adherence.relation_sensitivity(_FakePipe(reads_text), n=40, seed=3, batch_size=7)
+    pairs = sum(" a " in c for c in prompt_adherence.held_out_captions(40, 3))
+    assert result["n"] == pairs > 0 and result["changed"] == changed
+    assert (result["mean_difference"] == 0.0) == (not reads_text)

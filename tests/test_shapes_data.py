@@ -169,15 +169,13 @@ def wrong_captions(scene, rng):
     colour = rng.choice([c for c in shapes.COLOURS if c not in used])
     shape = rng.choice([s for s in shapes.SHAPES if s != labels[i][1]])
     other = (str(rng.choice([c for c in shapes.COLOURS if c not in used])), "circle")
-    flip = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-            "below": "above"}
     changed = [
         [(str(colour), s) if j == i else (c, s) for j, (c, s) in enumerate(labels)],
         [(c, str(shape)) if j == i else (c, s) for j, (c, s) in enumerate(labels)],
     ]
     out = [(shapes.format_caption(x, scene.relation), "wrong object") for x in changed]
     if scene.relation:
-        out += [(shapes.format_caption(labels, flip[scene.relation]), "relation reversed"),
+        out += [(shapes.format_caption(labels, shapes.OPPOSITE_RELATION[scene.relation]), "relation reversed"),
                 (shapes.format_caption(labels[::-1], scene.relation), "relation reversed"),  # objects swapped
                 (shapes.format_caption(labels[:1], None), "extra object"),
                 (shapes.format_caption(labels[1:], None), "extra object")]

@@ -37,6 +37,8 @@ _MAX_PLACEMENT_TRIES = 1000
 
 # (axis, sign): the relation "1 REL 2" holds when sign * (c1[axis] - c2[axis]) > 0; axis 0 = x, 1 = y.
 _RELATION_AXES = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+OPPOSITE_RELATION = {"to the left of": "to the right of", "to the right of": "to the left of",
+                     "above": "below", "below": "above"}
 
 
 @dataclasses.dataclass(frozen=True)
