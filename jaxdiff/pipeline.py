@@ -386,7 +386,8 @@ def init_params(models: Models, seed: int) -> dict:
     """Random params for every component, for training from scratch.
 
     PyTorch's default initialisation, which diffusers models are trained from: kernels
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases 0, norm scales 1, embeddings N(0, 0.02) (as CLIP).
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases 0, norm scales 1, embeddings N(0, 0.02) (as CLIP), as
+    diffusers initialises any other parameter.
     Drawn with NumPy from the shapes alone, each leaf from a generator seeded by its path, because
     `module.init` would execute (and compile) every op of the forward pass just to create weights.
     """
@@ -399,6 +400,8 @@ def init_params(models: Models, seed: int) -> dict:
             value = rng.uniform(-bound, bound, shape)
         elif kind == "embedding":
             value = rng.normal(0.0, 0.02, shape)
+        elif kind == "positional_embedding":  # AttentionPooling's query offset, randn / sqrt(dim)
+            value = rng.normal(0.0, shape[-1] ** -0.5, shape)
         elif kind == "scale":
             value = np.ones(shape)
         else:

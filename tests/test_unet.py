@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from jaxdiff.models.unet import UNet2DConditionModel
-from jaxdiff.weights.convert import WeightError, load_state_dict
+from jaxdiff.weights.convert import WeightError, load_state_dict, to_state_dict
 from tests.torch_utils import assert_close_rel, nchw_to_nhwc, nhwc_to_nchw, port, randomize_, state_dict_numpy
 
 _SMALL = dict(in_channels=4, out_channels=4, norm_num_groups=8, sample_size=8)
@@ -33,6 +33,12 @@ CONFIGS = {
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+    # The prompt pooled into the timestep embedding (addition_embed_type="text", DeepFloyd IF's
+    # attention pooling): every resnet block sees the whole prompt.
+    "pooled": dict(_SMALL, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
+                   cross_attention_dim=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text",
+                   addition_embed_type_num_heads=4),
     # Less common knobs: three levels, per-layer transformer depths, UNetMidBlock2D, mish, custom
     # time embedding, odd conv kernels, no flip / shifted frequencies, centred input.
     "knobs": dict(_SMALL, block_out_channels=(16, 32, 32), layers_per_block=1, attention_head_dim=2,
@@ -92,6 +98,7 @@ def _torch_forward(torch_model, sample, timesteps, context, added) -> np.ndarray
     ("sd1", 13, 9, False),  # odd sides: up blocks resize to the skip's size (diffusers' upsample_size)
     ("sd2", 12, 20, False),
     ("sdxl", 10, 14, False),
+    ("pooled", 12, 8, False),
     ("knobs", 11, 7, False),
 ])
 def test_matches_diffusers(kind, height, width, scalar_t):
@@ -116,8 +123,9 @@ def test_bf16_compute_stays_close_to_fp32():
     assert_close_rel(bf16, _apply("sdxl")(*args), 5e-2, "bf16 vs fp32")
 
 
-def test_dummy_inputs_init_matches_torch_parameter_count():
-    torch_model, _, model, _ = _build("sdxl")
+@pytest.mark.parametrize("kind", ["sdxl", "pooled"])
+def test_dummy_inputs_init_matches_torch_parameter_count(kind):
+    torch_model, _, model, _ = _build(kind)
     shapes = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs(batch=2))["params"]
     n_jax = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert n_jax == sum(p.numel() for p in torch_model.parameters())
@@ -133,14 +141,15 @@ def test_dummy_inputs_init_matches_torch_parameter_count():
     ("only_cross_attention", True),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
     ("resnet_time_scale_shift", "scale_shift"),
-    ("addition_embed_type", "text"),
+    ("addition_embed_type", "image"),
+    ("addition_embed_type_num_heads", 5),  # with "text": must divide cross_attention_dim
     ("time_embedding_type", "fourier"),
     ("down_block_types", ("AttnDownBlock2D", "DownBlock2D")),
     ("up_block_types", ("UpBlock2D", "SimpleCrossAttnUpBlock2D")),
     ("act_fn", "tanh"),
 ])
 def test_unsupported_config_raises_naming_the_field(field, value):
-    config = {**CONFIGS["sd1"], field: value}
+    config = {**CONFIGS["pooled" if field == "addition_embed_type_num_heads" else "sd1"], field: value}
     with pytest.raises(ValueError, match=field):
         UNet2DConditionModel.from_config(config)
 
@@ -162,3 +171,14 @@ def test_load_state_dict_rejects_missing_extra_and_misshaped_tensors():
     misshaped = {**good, name: good[name][:, :-1]}
     with pytest.raises(WeightError, match=f"tensor '{name}' has shape"):
         load_state_dict(misshaped, shapes, what="unet")
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "pooled"])
+def test_state_dict_round_trip(kind):
+    """Params -> torch names and layouts (what export writes) give back the torch model's tensors."""
+    torch_model, _, _, params = _build(kind)
+    expected = state_dict_numpy(torch_model)
+    actual = to_state_dict(params)
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(actual[name], value, err_msg=name)

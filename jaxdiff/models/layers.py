@@ -123,6 +123,44 @@ class TimestepEmbedding(nn.Module):
         return sample
 
 
+class AttentionPooling(nn.Module):
+    """diffusers `AttentionPooling` (from DeepFloyd IF): one query, the mean token plus a learned
+    offset, attends over [that query; the tokens] -> [B, D]."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, _, d = x.shape
+        offset = self.param("positional_embedding", nn.initializers.normal(d ** -0.5), (1, d), jnp.float32)
+        query_token = x.mean(axis=1, keepdims=True) + offset.astype(x.dtype)
+        x = jnp.concatenate([query_token, x], axis=1)
+        heads = lambda y: y.reshape(b, y.shape[1], self.num_heads, d // self.num_heads)
+        q = heads(nn.Dense(d, dtype=self.dtype, name="q_proj")(query_token))
+        k = heads(nn.Dense(d, dtype=self.dtype, name="k_proj")(x))
+        v = heads(nn.Dense(d, dtype=self.dtype, name="v_proj")(x))
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(d // self.num_heads)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, d)
+
+
+class TextTimeEmbedding(nn.Module):
+    """diffusers `TextTimeEmbedding` (`addition_embed_type="text"`): the text states pooled into one
+    vector that is added to the timestep embedding, so every resnet block sees the whole prompt."""
+
+    time_embed_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, text_states: jax.Array) -> jax.Array:
+        x = layer_norm(1e-5, self.dtype, "norm1")(text_states)
+        x = AttentionPooling(self.num_heads, self.dtype, name="pool")(x)
+        x = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="proj")(x)
+        return layer_norm(1e-5, self.dtype, "norm2")(x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Convolutional blocks (diffusers.models.resnet / downsampling / upsampling)
 

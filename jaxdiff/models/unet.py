@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.config import with_defaults
-from jaxdiff.models.layers import (ACTIVATIONS, BlockSpec, DownBlock2D, TimestepEmbedding, UNetMidBlock2D,
-                                   UpBlock2D, conv2d, get_activation, get_timestep_embedding, group_norm)
+from jaxdiff.models.layers import (ACTIVATIONS, BlockSpec, DownBlock2D, TextTimeEmbedding, TimestepEmbedding,
+                                   UNetMidBlock2D, UpBlock2D, conv2d, get_activation, get_timestep_embedding,
+                                   group_norm)
 
 # `UNet2DConditionModel.__init__` defaults of diffusers 0.3x-0.4x.
 _DEFAULTS: dict[str, Any] = dict(
@@ -43,8 +44,7 @@ _DEFAULTS: dict[str, Any] = dict(
 # Accepted and, as in diffusers for the block types supported here, without effect: dropout (inference
 # only), upcast_attention (attention logits and softmax are always float32 here), sample_size, and
 # resnet_skip_time_act, resnet_out_scale_factor, cross_attention_norm, mid_block_only_cross_attention,
-# addition_embed_type_num_heads, which diffusers only passes to ResnetDownsample / SimpleCrossAttn
-# blocks or the "text" add-embedding, all rejected below.
+# which diffusers only passes to ResnetDownsample / SimpleCrossAttn blocks, rejected below.
 
 _DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 _UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -106,6 +106,7 @@ class UNetConfig:
     timestep_post_act: str | None
     time_embedding_act_fn: str | None
     addition_embed_type: str | None
+    addition_embed_type_num_heads: int
     addition_time_embed_dim: int | None
     projection_class_embeddings_input_dim: int | None
     conv_in_kernel: int
@@ -126,8 +127,8 @@ class UNetConfig:
         only_cross = cfg["only_cross_attention"]
         if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
             raise _unsupported("only_cross_attention", only_cross, "False")
-        if cfg["addition_embed_type"] not in (None, "text_time"):
-            raise _unsupported("addition_embed_type", cfg["addition_embed_type"], "None or 'text_time'")
+        if cfg["addition_embed_type"] not in (None, "text", "text_time"):
+            raise _unsupported("addition_embed_type", cfg["addition_embed_type"], "None, 'text' or 'text_time'")
         if cfg["addition_embed_type"] == "text_time":
             for field in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
                 if cfg[field] is None:
@@ -164,6 +165,11 @@ class UNetConfig:
         if len(cross_dims) != 1:
             # Would need one encoder_hidden_states per block; diffusers' forward cannot run it either.
             raise _unsupported("cross_attention_dim", cfg["cross_attention_dim"], "one value for all blocks")
+        (cross_dim,) = cross_dims
+        if cfg["addition_embed_type"] == "text" and cross_dim % cfg["addition_embed_type_num_heads"]:
+            raise ValueError(f"UNet2DConditionModel config addition_embed_type_num_heads="
+                             f"{cfg['addition_embed_type_num_heads']} must divide cross_attention_dim="
+                             f"{cross_dim} (the pooled text states are split into heads)")
 
         tlpb = _per_block(cfg, "transformer_layers_per_block", n)
         reverse = cfg["reverse_transformer_layers_per_block"]
@@ -189,7 +195,7 @@ class UNetConfig:
             up_transformer_layers=tuple(
                 _transformer_layers(v, layers[::-1][i] + 1, "reverse_transformer_layers_per_block")
                 for i, v in enumerate(reverse)),
-            cross_attention_dim=int(cross_dims.pop()),
+            cross_attention_dim=int(cross_dim),
             use_linear_projection=bool(cfg["use_linear_projection"]),
             downsample_padding=int(cfg["downsample_padding"]),
             mid_block_scale_factor=float(cfg["mid_block_scale_factor"]), act_fn=cfg["act_fn"],
@@ -197,6 +203,7 @@ class UNetConfig:
             time_embed_dim=int(cfg["time_embedding_dim"] or block_out_channels[0] * 4),
             timestep_post_act=cfg["timestep_post_act"], time_embedding_act_fn=cfg["time_embedding_act_fn"],
             addition_embed_type=cfg["addition_embed_type"],
+            addition_embed_type_num_heads=int(cfg["addition_embed_type_num_heads"]),
             addition_time_embed_dim=cfg["addition_time_embed_dim"],
             projection_class_embeddings_input_dim=cfg["projection_class_embeddings_input_dim"],
             conv_in_kernel=int(cfg["conv_in_kernel"]), conv_out_kernel=int(cfg["conv_out_kernel"]),
@@ -213,6 +220,7 @@ class UNetConfig:
 class UNet2DConditionModel(nn.Module):
     """diffusers `UNet2DConditionModel.forward` for sample, timestep, encoder_hidden_states and, for
     SDXL (`addition_embed_type="text_time"`), added_cond_kwargs {"text_embeds", "time_ids"}.
+    `addition_embed_type="text"` adds the attention-pooled text states to the timestep embedding.
 
     Inputs and output are NHWC; the output is in the compute `dtype`.
     """
@@ -243,7 +251,8 @@ class UNet2DConditionModel(nn.Module):
                           "time_ids": jnp.zeros((batch, 6), jnp.float32)}
         return sample, timesteps, context, added_cond
 
-    def _time_embedding(self, timesteps: jax.Array, batch: int, added_cond: Mapping[str, jax.Array] | None):
+    def _time_embedding(self, timesteps: jax.Array, batch: int, added_cond: Mapping[str, jax.Array] | None,
+                        context: jax.Array):
         cfg = self.config
         # Timesteps stay float32 (fractional values are legal); a scalar or [1] is broadcast.
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
@@ -262,6 +271,9 @@ class UNet2DConditionModel(nn.Module):
             add = jnp.concatenate([text_embeds, time_embeds.reshape(text_embeds.shape[0], -1)], axis=-1)
             # diffusers builds add_embedding with TimestepEmbedding's default act ("silu"), not act_fn.
             emb = emb + TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype, name="add_embedding")(add)
+        elif cfg.addition_embed_type == "text":
+            emb = emb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
+                                          dtype=self.dtype, name="add_embedding")(context)
         if cfg.time_embedding_act_fn is not None:
             emb = get_activation(cfg.time_embedding_act_fn)(emb)
         return emb
@@ -274,8 +286,8 @@ class UNet2DConditionModel(nn.Module):
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        emb = self._time_embedding(timesteps, x.shape[0], added_cond)
         context = encoder_hidden_states.astype(self.dtype)
+        emb = self._time_embedding(timesteps, x.shape[0], added_cond, context)
 
         x = conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, self.dtype, "conv_in")(x)
         skips = [x]
