@@ -386,8 +386,8 @@ def init_params(models: Models, seed: int) -> dict:
     """Random params for every component, for training from scratch.
 
     PyTorch's default initialisation, which diffusers models are trained from: kernels
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases 0, norm scales 1, embeddings N(0, 0.02) (as CLIP), as
-    diffusers initialises any other parameter.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases 0, norm scales 1, embeddings N(0, 0.02) (as CLIP),
+    attention pooling's query offset N(0, 1/dim) (as diffusers).
     Drawn with NumPy from the shapes alone, each leaf from a generator seeded by its path, because
     `module.init` would execute (and compile) every op of the forward pass just to create weights.
     """
