@@ -60,7 +60,7 @@ def get_config(arg=None):
         c.init.components = ("vae", "unet", "text_encoders")
         c.init.calibrate_scaling_factor = False  # the run's VAE carries its calibrated factor
         c.train.steps = 5000
-    if arg == "pooled":  # an experiment, not trained yet: see the README on relations
+    if arg == "pooled":  # an experiment (README, on relations); not yet trained from scratch
         # The bundled model reads a caption as a bag of objects (eval --relation-sensitivity = 0): the
         # relation never reaches the image through cross-attention alone. diffusers'
         # addition_embed_type="text" adds the attention-pooled prompt to the timestep embedding, so
