@@ -12,6 +12,13 @@ SD_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_
                     clip_sample=False)
 
 
+def check_variant(arg: str | None, variants: tuple[str, ...], module: str) -> None:
+    """`configs/NAME.py:VARIANT` names one of the file's `VARIANTS` (or none): a typo is an error,
+    not a silent run of the full config."""
+    if arg not in (None,) + tuple(variants):
+        raise ValueError(f"unknown variant {arg!r} of {module}; choose one of {variants}")
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "unet"  # "unet" (diffusion objective) or "vae" (reconstruction + KL)

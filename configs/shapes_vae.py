@@ -25,8 +25,7 @@ VARIANTS = ('tiny', 'decoder')  # configs/NAME.py:VARIANT
 
 
 def get_config(arg=None):
-    if arg not in (None,) + VARIANTS:
-        raise ValueError(f"unknown variant {arg!r} of {__name__}; choose one of {VARIANTS}")
+    common.check_variant(arg, VARIANTS, __name__)
     c = common.base_config()
     c.mode = "vae"
     c.model.vae = dict(VAE)

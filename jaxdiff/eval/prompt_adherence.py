@@ -14,11 +14,16 @@ def held_out_captions(n: int, seed: int) -> list[str]:
     return [shapes.random_caption(rng) for _ in range(n)]
 
 
+def batch_seed(seed: int, start: int) -> int:
+    """The noise seed of the batch that starts at caption `start` of an evaluation seeded `seed`."""
+    return seed * 1_000_003 + start
+
+
 def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, **generate_kwargs):
     """(scores, captions, images): one image per caption, scored as `detector.score` does."""
     captions = held_out_captions(n, seed)
     images = np.concatenate([
-        pipe.generate(captions[i:i + batch_size], seed=seed * 1_000_003 + i, **generate_kwargs)
+        pipe.generate(captions[i:i + batch_size], seed=batch_seed(seed, i), **generate_kwargs)
         for i in range(0, n, batch_size)])
     return detector.score(images, captions), captions, images
 
@@ -33,18 +38,18 @@ def relation_sensitivity(pipe, n: int = 64, seed: int = 0, batch_size: int = 16,
     Returns {"changed": fraction of pairs whose mean |pixel difference| exceeds `threshold` (images in
     [0, 1]), "mean_difference": its mean over pairs, "n": pairs}.
     """
-    captions = [c for c in held_out_captions(n, seed) if shapes.parse_caption(c)[1]]
+    captions, flipped = [], []
+    for c in held_out_captions(n, seed):
+        labels, relation = shapes.parse_caption(c)
+        if relation is not None:
+            captions.append(c)
+            flipped.append(shapes.format_caption(labels, shapes.OPPOSITE_RELATION[relation]))
     if not captions:
         raise ValueError(f"no two-object caption among {n}; raise n")
-    flipped = []
-    for c in captions:
-        labels, relation = shapes.parse_caption(c)
-        flipped.append(shapes.format_caption(labels, shapes.OPPOSITE_RELATION[relation]))
     differences = []
     for i in range(0, len(captions), batch_size):
-        s = seed * 1_000_003 + i
-        a = pipe.generate(captions[i:i + batch_size], seed=s, **generate_kwargs)
-        b = pipe.generate(flipped[i:i + batch_size], seed=s, **generate_kwargs)
+        a = pipe.generate(captions[i:i + batch_size], seed=batch_seed(seed, i), **generate_kwargs)
+        b = pipe.generate(flipped[i:i + batch_size], seed=batch_seed(seed, i), **generate_kwargs)
         differences.extend(np.abs(np.asarray(a) - np.asarray(b)).mean(axis=(1, 2, 3)))
     differences = np.asarray(differences)
     return {"changed": float((differences > threshold).mean()),

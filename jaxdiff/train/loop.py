@@ -63,6 +63,8 @@ def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
         tokenizers = [text.build_tokenizer(config.model.tokenizer_words, config.model.max_length)]
     if set(take) >= set(COMPONENTS):
         configs = base.configs  # its pipeline class too (an SDXL folder stays SDXL)
+        if "scheduler" not in take:
+            configs = dataclasses.replace(configs, scheduler=config.model.scheduler.to_dict())
     else:
         tok = tokenizers[0]
         # The vocabulary and special ids follow the tokenizer, so config and tokenizer cannot disagree.
@@ -75,8 +77,6 @@ def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
             scheduler=config.model.scheduler.to_dict())
         if base is not None:
             configs = dataclasses.replace(configs, **{k: getattr(base.configs, k) for k in take})
-    if "scheduler" not in take:
-        configs = dataclasses.replace(configs, scheduler=config.model.scheduler.to_dict())
     params = P.init_params(P.build_models(configs), config.seed)
     if base is not None:
         params.update({k: base.params[k] for k in take if k in COMPONENTS})
