@@ -66,6 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "float32"
     c.train.caption_dropout = 0.1  # empty prompt this often, for classifier-free guidance
     c.train.min_snr_gamma = 0.0  # 0 = off; 5 is the paper's value
+    # Which timesteps training sees: "uniform" (DDPM, SD) or "logit_normal" (SD3: t/T = sigmoid(N(mean,
+    # std)); a positive mean spends more of the steps at high noise, where a layout is decided).
+    c.train.timestep_sampling = "uniform"
+    c.train.timestep_logit_mean = 0.0
+    c.train.timestep_logit_std = 1.0
     c.train.train_text_encoder = True
     c.train.frozen = ()  # param path prefixes kept fixed within trained components, e.g. ("vae/encoder",)
     c.train.sample_posterior = True  # VAE latents: a posterior sample (True) or its mean

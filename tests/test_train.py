@@ -242,3 +242,26 @@ def test_vae_decoder_swap_checks_the_encoder(tfds_dir):
     donor = P.Pipeline(pipe.models, {**params, "vae": donor_vae}, tokenizers, configs, {})
     with pytest.raises(ValueError, match="encoder differs"):
         loop.with_vae_decoder(pipe, donor)
+
+
+def test_timestep_sampling():
+    """Uniform covers [0, T); logit-normal puts its median at T * sigmoid(mean) and stays in range."""
+    from jaxdiff.train import step as step_lib
+
+    keys = step_lib.example_keys(jax.random.key(0), 20000)
+    config = shapes_unet.get_config("tiny")
+    t = np.asarray(step_lib.sample_timesteps(keys, config.train, 1000))
+    assert t.min() == 0 and t.max() == 999
+    assert abs(np.median(t) - 500) < 15
+
+    config.train.timestep_sampling = "logit_normal"
+    config.train.timestep_logit_mean, config.train.timestep_logit_std = 1.5, 1.0
+    t = np.asarray(step_lib.sample_timesteps(keys, config.train, 1000))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+    assert abs(np.median(t) - 1000 / (1 + np.exp(-1.5))) < 10  # 817.6
+    # P(t/T > sigmoid(mean + std)) is P(N(0, 1) > 1)
+    assert abs(np.mean(t >= 1000 / (1 + np.exp(-2.5))) - 0.1587) < 0.01
+
+    config.train.timestep_sampling = "cosine"
+    with pytest.raises(ValueError, match="unknown train.timestep_sampling 'cosine'"):
+        step_lib.sample_timesteps(keys, config.train, 1000)

@@ -118,6 +118,25 @@ def _per_example(sampler, keys, *args):
     return jax.vmap(lambda k: sampler(k, *args))(keys)
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timesteps(keys, t_cfg, num_train_timesteps: int) -> jax.Array:
+    """One integer timestep in [0, num_train_timesteps) per row's key, drawn as `t_cfg` says.
+
+    "logit_normal" is SD3's (Esser et al. 2024) t/T = sigmoid(N(mean, std)). Every timestep keeps some
+    probability, so the optimum at each t is unchanged; only how much of the training it gets changes.
+    """
+    if t_cfg.timestep_sampling == "uniform":
+        return _per_example(jax.random.randint, keys, (), 0, num_train_timesteps)
+    if t_cfg.timestep_sampling == "logit_normal":
+        z = t_cfg.timestep_logit_mean + t_cfg.timestep_logit_std * _per_example(jax.random.normal, keys, ())
+        t = jnp.floor(jax.nn.sigmoid(z) * num_train_timesteps).astype(jnp.int32)
+        return jnp.clip(t, 0, num_train_timesteps - 1)
+    raise ValueError(f"unknown train.timestep_sampling {t_cfg.timestep_sampling!r}; "
+                     f"choose one of {TIMESTEP_SAMPLINGS}")
+
+
 def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, alphas_cumprod):
     """Per-example noise-prediction loss of the U-Net on VAE latents of `batch["images"]` (in [-1, 1]),
     or of `batch["posterior"]` (the VAE posterior's mean and std concatenated on channels, cached by
@@ -138,7 +157,7 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, al
     ids = tuple(jnp.where(drop[:, None], e, i) for i, e in zip(batch["ids"], batch["empty_ids"]))
     cond = P.encode_prompt(models, params["text_encoders"], ids, batch.get("time_ids"))
 
-    t = _per_example(jax.random.randint, k_t, (), 0, alphas_cumprod.shape[0])
+    t = sample_timesteps(k_t, t_cfg, alphas_cumprod.shape[0])
     ac = alphas_cumprod[t][:, None, None, None]
     eps = _per_example(jax.random.normal, k_eps, latents.shape[1:])
     noisy = jnp.sqrt(ac) * latents + jnp.sqrt(1 - ac) * eps
