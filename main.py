@@ -61,6 +61,9 @@ def _eval_parser(sub):
     p.add_argument("--relation-sensitivity", action="store_true",
                    help="also redraw each two-object caption with the opposite relation from the same "
                         "noise, and print how often the image changes (0: the relation is not read)")
+    p.add_argument("--relation-loss-gap", action="store_true",
+                   help="also print the U-Net's loss on two-object validation images at high noise with "
+                        "each caption as written and with the opposite relation (equal: not read)")
 
 
 def evaluate(args) -> int:
@@ -83,6 +86,10 @@ def evaluate(args) -> int:
             guidance_scale=args.cfg, sampler=args.sampler)
         print(f"relation sensitivity: {s['changed']:.3f} of {s['n']} images change when the relation is "
               f"reversed (mean |difference| {s['mean_difference']:.4f})")
+    if args.relation_loss_gap:
+        print("U-Net loss on two-object validation images, as written / with the opposite relation:")
+        for t, (written, flipped) in prompt_adherence.relation_loss_gap(pipe, seed=args.seed).items():
+            print(f"  t={t}: {written:.4f} / {flipped:.4f} (gap {flipped - written:+.4f})")
     return 0
 
 

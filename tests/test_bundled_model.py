@@ -48,11 +48,12 @@ def test_bundled_model_follows_prompts(bundled):
 
 def test_eval_cli_prints_every_kind(pipeline_dir, capsys):
     rc = main.main(["eval", "--model", pipeline_dir("sd1"), "--n", "6", "--steps", "1",
-                    "--batch-size", "3", "--relation-sensitivity"])
+                    "--batch-size", "3", "--relation-sensitivity", "--relation-loss-gap"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "overall:" in out and "n: 6" in out
     assert "relation sensitivity:" in out
+    assert "t=999:" in out and "t=700:" in out
 
 
 class _FakePipe:
@@ -75,3 +76,26 @@ def test_relation_sensitivity_tells_a_relation_blind_model(reads_text, changed):
     pairs = sum(" a " in c for c in prompt_adherence.held_out_captions(40, 3))
     assert result["n"] == pairs > 0 and result["changed"] == changed
     assert (result["mean_difference"] == 0.0) == (not reads_text)
+
+
+def test_relation_loss_gap_is_zero_only_when_relations_cannot_be_told_apart(bundled):
+    """With the opposite relations' token embeddings made equal the text encoder cannot tell the two
+    captions apart, so the two losses are equal exactly; with the model's own embeddings they differ."""
+    import jax
+
+    gap = prompt_adherence.relation_loss_gap(bundled, n=24, timesteps=(999, 900), batch_size=16)
+    assert set(gap) == {999, 900}
+    assert all(0.0 < a < 2.0 and a != b for a, b in gap.values()), gap
+
+    tokenizer = bundled.tokenizers[0]
+    left, right, above, below = (tokenizer.convert_tokens_to_ids(w + "</w>")
+                                 for w in ("left", "right", "above", "below"))
+    params = jax.tree.map(np.array, bundled.params)
+    embedding = params["text_encoders"][0]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    embedding[right], embedding[below] = embedding[left], embedding[above]
+    blind = jaxdiff.Pipeline(bundled.models, params, bundled.tokenizers, bundled.configs, bundled.defaults)
+    gap = prompt_adherence.relation_loss_gap(blind, n=24, timesteps=(999, 900), batch_size=16)
+    assert all(a == b for a, b in gap.values()), gap
+
+    with pytest.raises(ValueError, match="timestep 1000 is outside"):
+        prompt_adherence.relation_loss_gap(bundled, n=2, timesteps=(1000,))

@@ -137,6 +137,17 @@ def sample_timesteps(keys, t_cfg, num_train_timesteps: int) -> jax.Array:
                      f"choose one of {TIMESTEP_SAMPLINGS}")
 
 
+def noised_and_target(latents, eps, alpha_cumprod, prediction_type: str):
+    """(x_t, what the U-Net learns to predict from it) for clean `latents`, noise `eps` and the
+    cumulative alpha of t (broadcastable to the latents)."""
+    noisy = jnp.sqrt(alpha_cumprod) * latents + jnp.sqrt(1 - alpha_cumprod) * eps
+    if prediction_type == "epsilon":
+        return noisy, eps
+    if prediction_type == "v_prediction":
+        return noisy, jnp.sqrt(alpha_cumprod) * eps - jnp.sqrt(1 - alpha_cumprod) * latents
+    raise ValueError(f"cannot train prediction_type {prediction_type!r}")
+
+
 def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, alphas_cumprod):
     """Per-example noise-prediction loss of the U-Net on VAE latents of `batch["images"]` (in [-1, 1]),
     or of `batch["posterior"]` (the VAE posterior's mean and std concatenated on channels, cached by
@@ -160,13 +171,7 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, al
     t = sample_timesteps(k_t, t_cfg, alphas_cumprod.shape[0])
     ac = alphas_cumprod[t][:, None, None, None]
     eps = _per_example(jax.random.normal, k_eps, latents.shape[1:])
-    noisy = jnp.sqrt(ac) * latents + jnp.sqrt(1 - ac) * eps
-    if models.prediction_type == "epsilon":
-        target = eps
-    elif models.prediction_type == "v_prediction":
-        target = jnp.sqrt(ac) * eps - jnp.sqrt(1 - ac) * latents
-    else:
-        raise ValueError(f"cannot train prediction_type {models.prediction_type!r}")
+    noisy, target = noised_and_target(latents, eps, ac, models.prediction_type)
     pred = P.apply_unet(models, params["unet"], noisy, t.astype(jnp.float32), cond).astype(jnp.float32)
     loss = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
     if t_cfg.min_snr_gamma:
