@@ -20,7 +20,7 @@ TEXT_ENCODER = dict(architectures=["CLIPTextModel"], hidden_size=128, intermedia
                     projection_dim=128)
 
 
-VARIANTS = ('tiny', 'eps', 'from_eps', 'pooled')  # configs/NAME.py:VARIANT
+VARIANTS = ('tiny', 'eps', 'from_eps', 'pooled', 'deep')  # configs/NAME.py:VARIANT
 
 
 def get_config(arg=None):
@@ -66,6 +66,14 @@ def get_config(arg=None):
         # every resnet block sees the whole sentence, as a class label steers a class-conditional
         # model's layout. StableDiffusionPipeline runs such a U-Net unchanged.
         c.model.unet = dict(UNET, addition_embed_type="text", addition_embed_type_num_heads=4)
+    if arg == "deep":  # an experiment (README, on relations): a fourth level, cross-attention at 2x2
+        # The idea: a relation picks a half of the image. At 2x2 every cell is a corner, so one
+        # zero-padded conv tells the four apart; at 4x4 and 8x8 a query learns where it is only from
+        # the padding's effect seeping in through several convs, against the noise that is all there
+        # is at t = T. Trained 500 steps at t = T only it read relations no better than UNET (README).
+        c.model.unet = dict(UNET, block_out_channels=(32, 64, 128, 128),
+                            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+                            up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",))
     if arg == "tiny":
         c.model.unet = dict(shapes_vae.TINY_UNET)
         c.model.text_encoder = dict(shapes_vae.TINY_TEXT)
