@@ -75,6 +75,8 @@ def relation_loss_gap(pipe, n: int = 256, seed: int = 0, timesteps=(999, 950, 90
     from jaxdiff.sampling import schedules
     from jaxdiff.train import step
 
+    if n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
     models, params = pipe.models, pipe.params
     size = pipe.default_size()[0]
     images, captions, flipped = [], [], []
@@ -97,10 +99,12 @@ def relation_loss_gap(pipe, n: int = 256, seed: int = 0, timesteps=(999, 950, 90
         latents = P.scale_latents(models, P.posterior(models, params["vae"], images)[0])
         noisy, target = step.noised_and_target(latents, eps, alphas_cumprod[t], models.prediction_type)
         ts = jnp.full((images.shape[0],), t, jnp.float32)
+        time_ids = (P.micro_conditioning_ids(size, size, images.shape[0])
+                    if models.family.micro_conditioning else None)
         return tuple(jnp.sum(jnp.mean((P.apply_unet(models, params["unet"], noisy, ts, cond) - target) ** 2,
                                       axis=(1, 2, 3)))
-                     for cond in (P.encode_prompt(models, params["text_encoders"], ids),
-                                  P.encode_prompt(models, params["text_encoders"], flipped_ids)))
+                     for cond in (P.encode_prompt(models, params["text_encoders"], ids, time_ids),
+                                  P.encode_prompt(models, params["text_encoders"], flipped_ids, time_ids)))
 
     tokenize = lambda cs: tuple(jnp.asarray(text.tokenize(tok, cs)) for tok in pipe.tokenizers)
     sums = {t: np.zeros(2) for t in timesteps}
