@@ -62,7 +62,7 @@ def main():
             images.append(image)
             ordered.append((c1, c2, relation))
             unordered.append(tuple(sorted((c1, c2))))
-    encode = jax.jit(lambda x: P.scale_latents(models, P.posterior(models, params["vae"], x)[0]))
+    encode = jax.jit(lambda x: P.encode_images(models, params["vae"], x))
     latents = np.concatenate([np.asarray(encode(jnp.asarray(np.stack(images[i:i + 512]) / 255.0, jnp.float32)))
                               for i in range(0, len(images), 512)])
     nothing = [()] * len(latents)

@@ -268,3 +268,10 @@ def test_tfds_builder_matches_the_generator(tmp_path):
                       for ex in tfds.as_numpy(builder.as_dataset(split=split)))
         expected = sorted((c, im.tobytes()) for im, c in (shapes.sample(i, split) for i in range(n)))
         assert read == expected
+
+
+def test_reverse_relation():
+    assert (shapes.reverse_relation("a red circle to the left of a blue square")
+            == "a red circle to the right of a blue square")
+    assert shapes.reverse_relation("a red circle below a blue square") == "a red circle above a blue square"
+    assert shapes.reverse_relation("a red circle") is None

@@ -208,6 +208,13 @@ def parse_caption(text: str) -> tuple[list[tuple[str, str]], str | None]:
     return [(c1, s1), (c2, s2)], relation
 
 
+def reverse_relation(text: str) -> str | None:
+    """The caption with the opposite relation ("above" <-> "below", left <-> right), the objects
+    unchanged; None for a one-object caption."""
+    labels, relation = parse_caption(text)
+    return None if relation is None else format_caption(labels, OPPOSITE_RELATION[relation])
+
+
 def split_seed(split: str) -> int:
     """A stable integer per split name (crc32), so splits draw from disjoint seed streams."""
     return zlib.crc32(split.encode())

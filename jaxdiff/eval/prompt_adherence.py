@@ -38,12 +38,8 @@ def relation_sensitivity(pipe, n: int = 64, seed: int = 0, batch_size: int = 16,
     Returns {"changed": fraction of pairs whose mean |pixel difference| exceeds `threshold` (images in
     [0, 1]), "mean_difference": its mean over pairs, "n": pairs}.
     """
-    captions, flipped = [], []
-    for c in held_out_captions(n, seed):
-        labels, relation = shapes.parse_caption(c)
-        if relation is not None:
-            captions.append(c)
-            flipped.append(shapes.format_caption(labels, shapes.OPPOSITE_RELATION[relation]))
+    pairs = [(c, r) for c in held_out_captions(n, seed) if (r := shapes.reverse_relation(c))]
+    captions, flipped = [c for c, _ in pairs], [r for _, r in pairs]
     if not captions:
         raise ValueError(f"no two-object caption among {n}; raise n")
     differences = []
@@ -84,38 +80,40 @@ def relation_loss_gap(pipe, n: int = 256, seed: int = 0, timesteps=(999, 950, 90
     while len(captions) < n:
         image, caption = shapes.sample(index, "validation", size)
         index += 1
-        labels, relation = shapes.parse_caption(caption)
-        if relation is not None:
+        if reversed_caption := shapes.reverse_relation(caption):
             images.append(image)
             captions.append(caption)
-            flipped.append(shapes.format_caption(labels, shapes.OPPOSITE_RELATION[relation]))
+            flipped.append(reversed_caption)
     alphas_cumprod = jnp.asarray(schedules.alphas_cumprod(pipe.configs.scheduler))
     for t in timesteps:
         if not 0 <= t < alphas_cumprod.shape[0]:
             raise ValueError(f"timestep {t} is outside [0, {alphas_cumprod.shape[0]})")
 
     @jax.jit
-    def losses(images, ids, flipped_ids, eps, t):
-        latents = P.scale_latents(models, P.posterior(models, params["vae"], images)[0])
-        noisy, target = step.noised_and_target(latents, eps, alphas_cumprod[t], models.prediction_type)
-        ts = jnp.full((images.shape[0],), t, jnp.float32)
+    def encode(images, ids, flipped_ids):
+        """Clean latents and both captions' conditioning: once per batch, whatever the timesteps."""
         time_ids = (P.micro_conditioning_ids(size, size, images.shape[0])
                     if models.family.micro_conditioning else None)
+        return (P.encode_images(models, params["vae"], images),
+                tuple(P.encode_prompt(models, params["text_encoders"], i, time_ids) for i in (ids, flipped_ids)))
+
+    @jax.jit
+    def losses(latents, conds, eps, t):
+        noisy, target = step.noised_and_target(latents, eps, alphas_cumprod[t], models.prediction_type)
+        ts = jnp.full((latents.shape[0],), t, jnp.float32)
         return tuple(jnp.sum(jnp.mean((P.apply_unet(models, params["unet"], noisy, ts, cond) - target) ** 2,
                                       axis=(1, 2, 3)))
-                     for cond in (P.encode_prompt(models, params["text_encoders"], ids, time_ids),
-                                  P.encode_prompt(models, params["text_encoders"], flipped_ids, time_ids)))
+                     for cond in conds)
 
     tokenize = lambda cs: tuple(jnp.asarray(text.tokenize(tok, cs)) for tok in pipe.tokenizers)
     sums = {t: np.zeros(2) for t in timesteps}
     key = jax.random.key(seed)
     for i in range(0, n, batch_size):
         batch = jnp.asarray(np.stack(images[i:i + batch_size]) / 255.0, jnp.float32)  # [0, 1]
-        ids, flipped_ids = tokenize(captions[i:i + batch_size]), tokenize(flipped[i:i + batch_size])
-        latent_shape = (batch.shape[0], *models.sample_size, models.latent_channels)
-        eps = jax.random.normal(jax.random.fold_in(key, i), latent_shape)
+        latents, conds = encode(batch, tokenize(captions[i:i + batch_size]), tokenize(flipped[i:i + batch_size]))
+        eps = jax.random.normal(jax.random.fold_in(key, i), latents.shape)
         for t in timesteps:
-            sums[t] += np.asarray(losses(batch, ids, flipped_ids, eps, t))
+            sums[t] += np.asarray(losses(latents, conds, eps, t))
     return {t: (float(s[0] / n), float(s[1] / n)) for t, s in sums.items()}
 
 
