@@ -20,7 +20,7 @@ TEXT_ENCODER = dict(architectures=["CLIPTextModel"], hidden_size=128, intermedia
                     projection_dim=128)
 
 
-VARIANTS = ('tiny', 'eps', 'from_eps', 'pooled', 'deep')  # configs/NAME.py:VARIANT
+VARIANTS = ('tiny', 'eps', 'from_eps', 'pooled', 'deep', 'film')  # configs/NAME.py:VARIANT
 
 
 def get_config(arg=None):
@@ -74,6 +74,13 @@ def get_config(arg=None):
         c.model.unet = dict(UNET, block_out_channels=(32, 64, 128, 128),
                             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
                             up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",))
+    if arg == "film":  # an experiment (README, on relations): `pooled`, with FiLM resnets
+        # At t = T the input is noise, and a time embedding added before GroupNorm is partly
+        # normalised away with it; FiLM after the norm can switch the noise path off and put a clean
+        # constant (from the time and the pooled prompt) in its place, which conv2's zero padding turns
+        # into a position field: "red on the left" then needs no noise to be averaged out.
+        c.model.unet = dict(UNET, addition_embed_type="text", addition_embed_type_num_heads=4,
+                            resnet_time_scale_shift="scale_shift")
     if arg == "tiny":
         c.model.unet = dict(shapes_vae.TINY_UNET)
         c.model.text_encoder = dict(shapes_vae.TINY_TEXT)

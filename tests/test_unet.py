@@ -34,11 +34,12 @@ CONFIGS = {
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
     # The prompt pooled into the timestep embedding (addition_embed_type="text", DeepFloyd IF's
-    # attention pooling): every resnet block sees the whole prompt.
+    # attention pooling): every resnet block sees the whole prompt, and takes it (with the time) as
+    # FiLM scale and shift.
     "pooled": dict(_SMALL, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
                    cross_attention_dim=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text",
-                   addition_embed_type_num_heads=4),
+                   addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift"),
     # Less common knobs: three levels, per-layer transformer depths, UNetMidBlock2D, mish, custom
     # time embedding, odd conv kernels, no flip / shifted frequencies, centred input.
     "knobs": dict(_SMALL, block_out_channels=(16, 32, 32), layers_per_block=1, attention_head_dim=2,
@@ -140,7 +141,7 @@ def test_dummy_inputs_init_matches_torch_parameter_count(kind):
     ("dual_cross_attention", True),
     ("only_cross_attention", True),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-    ("resnet_time_scale_shift", "scale_shift"),
+    ("resnet_time_scale_shift", "spatial"),
     ("addition_embed_type", "image"),
     ("addition_embed_type_num_heads", 5),  # with "text": must divide cross_attention_dim
     ("time_embedding_type", "fourier"),

@@ -165,8 +165,17 @@ class TextTimeEmbedding(nn.Module):
 # Convolutional blocks (diffusers.models.resnet / downsampling / upsampling)
 
 
+RESNET_TIME_NORMS = ("default", "scale_shift")
+
+
 class ResnetBlock2D(nn.Module):
-    """diffusers `ResnetBlock2D` with time_embedding_norm="default" (temb added after conv1).
+    """diffusers `ResnetBlock2D`. How the time embedding enters (`time_embedding_norm`, the U-Net's
+    `resnet_time_scale_shift`):
+    - "default" (SD): added to conv1's output, before norm2;
+    - "scale_shift" (FiLM, as in DDPM++/ADM): norm2's output times (1 + scale) plus shift. Unlike an
+      addition before a norm, it can switch the conv1 path off (scale = -1) and put a clean constant
+      in its place, which the zero padding of conv2 turns into a field that varies by position: at
+      t = T, where the input is pure noise, that is what the layout is drawn from.
 
     `temb=None` (VAE) means no `time_emb_proj`. A 1x1 `conv_shortcut` exists iff channels change.
     """
@@ -177,6 +186,7 @@ class ResnetBlock2D(nn.Module):
     eps: float = 1e-6
     act_fn: str = "silu"
     output_scale_factor: float = 1.0
+    time_embedding_norm: str = "default"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -184,11 +194,18 @@ class ResnetBlock2D(nn.Module):
         act = get_activation(self.act_fn)
         h = act(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
         h = conv2d(self.out_channels, 3, self.dtype, "conv1")(h)
+        film = temb is not None and self.time_embedding_norm == "scale_shift"
         if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb))
-            h = h + t[:, None, None, :]
+            t = nn.Dense(self.out_channels * (2 if film else 1), dtype=self.dtype,
+                         name="time_emb_proj")(act(temb))[:, None, None, :]
+            if not film:
+                h = h + t
         groups_out = self.groups if self.groups_out is None else self.groups_out
-        h = act(group_norm(groups_out, self.eps, self.dtype, "norm2")(h))
+        h = group_norm(groups_out, self.eps, self.dtype, "norm2")(h)
+        if film:
+            scale, shift = jnp.split(t, 2, axis=-1)
+            h = h * (1 + scale) + shift
+        h = act(h)
         h = conv2d(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = conv2d(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
@@ -394,10 +411,12 @@ class BlockSpec:
     num_attention_heads: int | None = None
     transformer_layers: tuple[int, ...] = ()
     use_linear_projection: bool = False
+    time_embedding_norm: str = "default"
 
     def resnet(self, out_channels: int, dtype: Dtype, name: str) -> ResnetBlock2D:
         return ResnetBlock2D(out_channels, groups=self.groups, eps=self.eps, act_fn=self.act_fn,
-                             output_scale_factor=self.output_scale_factor, dtype=dtype, name=name)
+                             output_scale_factor=self.output_scale_factor,
+                             time_embedding_norm=self.time_embedding_norm, dtype=dtype, name=name)
 
     def transformer(self, channels: int, i: int, dtype: Dtype, name: str) -> Transformer2DModel | None:
         if self.num_attention_heads is None:

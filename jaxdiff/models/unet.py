@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.config import with_defaults
-from jaxdiff.models.layers import (ACTIVATIONS, BlockSpec, DownBlock2D, TextTimeEmbedding, TimestepEmbedding,
+from jaxdiff.models.layers import (ACTIVATIONS, RESNET_TIME_NORMS, BlockSpec, DownBlock2D, TextTimeEmbedding, TimestepEmbedding,
                                    UNetMidBlock2D, UpBlock2D, conv2d, get_activation, get_timestep_embedding,
                                    group_norm)
 
@@ -103,6 +103,7 @@ class UNetConfig:
     norm_num_groups: int
     norm_eps: float
     time_embed_dim: int
+    resnet_time_scale_shift: str
     timestep_post_act: str | None
     time_embedding_act_fn: str | None
     addition_embed_type: str | None
@@ -120,10 +121,13 @@ class UNetConfig:
         must_be = dict(class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None,
                        encoder_hid_dim_type=None, time_cond_proj_dim=None, num_attention_heads=None,
                        dual_cross_attention=False, class_embeddings_concat=False, attention_type="default",
-                       resnet_time_scale_shift="default", time_embedding_type="positional")
+                       time_embedding_type="positional")
         for field, supported in must_be.items():
             if cfg[field] != supported:
                 raise _unsupported(field, cfg[field], repr(supported))
+        if cfg["resnet_time_scale_shift"] not in RESNET_TIME_NORMS:
+            raise _unsupported("resnet_time_scale_shift", cfg["resnet_time_scale_shift"],
+                               " or ".join(map(repr, RESNET_TIME_NORMS)))
         only_cross = cfg["only_cross_attention"]
         if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
             raise _unsupported("only_cross_attention", only_cross, "False")
@@ -201,6 +205,7 @@ class UNetConfig:
             mid_block_scale_factor=float(cfg["mid_block_scale_factor"]), act_fn=cfg["act_fn"],
             norm_num_groups=int(cfg["norm_num_groups"]), norm_eps=float(cfg["norm_eps"]),
             time_embed_dim=int(cfg["time_embedding_dim"] or block_out_channels[0] * 4),
+            resnet_time_scale_shift=cfg["resnet_time_scale_shift"],
             timestep_post_act=cfg["timestep_post_act"], time_embedding_act_fn=cfg["time_embedding_act_fn"],
             addition_embed_type=cfg["addition_embed_type"],
             addition_embed_type_num_heads=int(cfg["addition_embed_type_num_heads"]),
@@ -214,7 +219,8 @@ class UNetConfig:
         return BlockSpec(groups=self.norm_num_groups, eps=self.norm_eps, act_fn=self.act_fn,
                          output_scale_factor=output_scale_factor, num_attention_heads=heads,
                          transformer_layers=transformer_layers,
-                         use_linear_projection=self.use_linear_projection)
+                         use_linear_projection=self.use_linear_projection,
+                         time_embedding_norm=self.resnet_time_scale_shift)
 
 
 class UNet2DConditionModel(nn.Module):
