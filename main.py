@@ -135,15 +135,29 @@ def train(argv) -> int:
     if "config" not in FLAGS:
         config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
         flags.DEFINE_string("workdir", None, "run directory; an existing run resumes from its newest checkpoint")
+        flags.DEFINE_integer("until_step", None, "stop after this step (and its checkpoint) instead of at "
+                             "config.train.steps; the learning-rate schedule still spans train.steps")
+    argv = ["main.py train"] + list(argv)
+    # config_flags finds the --config.KEY overrides in sys.argv, not in the list parsed, and absl keeps
+    # values from an earlier parse: both matter when main() is called in-process (tests, notebooks).
+    saved_argv, sys.argv = sys.argv, argv
     try:
-        FLAGS(["main.py train"] + list(argv))
+        if FLAGS.is_parsed():
+            FLAGS.unparse_flags()
+        FLAGS(argv)
     except flags.Error as e:  # unknown flag or config key, bad value: name it, no traceback
         raise ValueError(str(e)) from None
+    except (AttributeError, KeyError) as e:  # --config.KEY=VALUE for a KEY the config does not have
+        while isinstance(e, BaseException) and e.args:  # ml_collections wraps its KeyError's message
+            e = e.args[0]
+        raise ValueError(f"no such config field: {' '.join(str(e).split())}") from None
+    finally:
+        sys.argv = saved_argv
     if FLAGS.config is None or FLAGS.workdir is None:
         raise ValueError("train needs --config configs/NAME.py and --workdir DIR")
     parallel.initialize_distributed()  # multi-host: from the environment (TPU pods, SLURM, JAXDIFF_*)
     logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-    loop.train(FLAGS.config, FLAGS.workdir)
+    loop.train(FLAGS.config, FLAGS.workdir, until_step=FLAGS.until_step)
     return 0
 
 

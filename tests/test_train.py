@@ -72,7 +72,10 @@ def test_tiny_config_loss_falls(module, tfds_dir, tmp_path):
 def test_resume_is_bit_identical(tfds_dir, tmp_path):
     config = _config(shapes_unet, tfds_dir, **{"train.steps": 6, "checkpoint.every": 2})
     straight = loop.train(config, str(tmp_path / "straight"))
-    loop.train(config, str(tmp_path / "resumed"), until_step=3)  # "killed" after step 3
+    # "killed" after step 3, through the CLI's --until_step (the same config, as flags)
+    assert main.main(["train", "--config", "configs/shapes_unet.py:tiny", "--workdir", str(tmp_path / "resumed"),
+                      f"--config.data.data_dir={tfds_dir}", "--config.train.steps=6",
+                      "--config.checkpoint.every=2", "--until_step=3"]) == 0
     assert loop.Checkpointer(str(tmp_path / "resumed" / "checkpoints"), 1, 1).latest_step() == 3
     resumed = loop.train(config, str(tmp_path / "resumed"))
     assert int(resumed.step) == int(straight.step) == 6
