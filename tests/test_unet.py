@@ -41,7 +41,8 @@ CONFIGS = {
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text",
                    addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift"),
     # Less common knobs: three levels, per-layer transformer depths, UNetMidBlock2D, mish, custom
-    # time embedding, odd conv kernels, no flip / shifted frequencies, centred input.
+    # time embedding, odd conv kernels (conv_out wider than the 11x7 test input, as in
+    # configs/shapes_unet.py:wide_out), no flip / shifted frequencies, centred input.
     "knobs": dict(_SMALL, block_out_channels=(16, 32, 32), layers_per_block=1, attention_head_dim=2,
                   cross_attention_dim=16, act_fn="mish", norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -49,7 +50,7 @@ CONFIGS = {
                   transformer_layers_per_block=((1,), (2,), (1,)),
                   reverse_transformer_layers_per_block=((1, 1), (2, 1), (1, 2)),
                   mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1.5, time_embedding_dim=40,
-                  timestep_post_act="gelu", time_embedding_act_fn="silu", conv_in_kernel=1, conv_out_kernel=5,
+                  timestep_post_act="gelu", time_embedding_act_fn="silu", conv_in_kernel=1, conv_out_kernel=9,
                   center_input_sample=True, downsample_padding=0),
 }
 
