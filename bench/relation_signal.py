@@ -8,7 +8,11 @@ two-object images among the first `--images` of the spec's training split, in th
 space, this prints
   - the gain of knowing the colours (unordered) over knowing nothing;
   - the gain of knowing the relation and which colour is named first, over the unordered colours;
-  - the model's own loss at t = T with the captions as written and with the opposite relation.
+  - the model's own loss at t = T with the captions as written and with the opposite relation;
+  - the layout prior, data against model: E[x0 | red left of blue] - E[x0 | red right of blue] by
+    latent column (rows and shapes averaged), and the same difference of the model's mean clean-image
+    estimate at t = T (over `--noise` draws) for "a red square to the left of / to the right of a
+    blue square". The data's changes sign between the halves; a relation-blind model's is flat.
 A model that reads relations closes part of the second gap; `eval --relation-loss-gap` shows the
 model's side alone. The gains are split-half estimates (the data split in two by index parity, the
 means of one half against those of the other), which the groups' finite sizes do not bias upwards.
@@ -44,10 +48,35 @@ def split_half_gain(latents: np.ndarray, fine: list, coarse: list) -> float:
                           for f, c in zip(fine, coarse) if f in mf and c in mc]))
 
 
+def mean_clean_estimate(pipe, caption: str, shape: tuple, draws: int) -> np.ndarray:
+    """The model's clean-latent estimate at its last timestep, averaged over `draws` noise inputs:
+    at zero terminal SNR, its estimate of E[x0 | caption], the layout it starts sampling from."""
+    from jaxdiff import text
+    from jaxdiff.sampling import schedules
+
+    models, params = pipe.models, pipe.params
+    ids = tuple(jnp.asarray(text.tokenize(tok, [caption] * 64)) for tok in pipe.tokenizers)
+    cond = P.encode_prompt(models, params["text_encoders"], ids)
+    alphas_cumprod = schedules.alphas_cumprod(pipe.configs.scheduler)
+    ac = jnp.float32(alphas_cumprod[-1])
+    t = jnp.full((64,), len(alphas_cumprod) - 1, jnp.float32)
+
+    @jax.jit
+    def x0(key):
+        noisy = jax.random.normal(key, (64, *shape))
+        pred = P.apply_unet(models, params["unet"], noisy, t, cond)
+        # x0 = sqrt(ac) x_t - sqrt(1 - ac) v, or (x_t - sqrt(1 - ac) eps) / sqrt(ac)
+        return (jnp.sqrt(ac) * noisy - jnp.sqrt(1 - ac) * pred if models.prediction_type == "v_prediction"
+                else (noisy - jnp.sqrt(1 - ac) * pred) / jnp.sqrt(ac)).mean(0)
+
+    return np.mean([np.asarray(x0(jax.random.key(i))) for i in range(max(1, draws // 64))], 0)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a diffusers folder (default: the bundled model)")
     p.add_argument("--images", type=int, default=24000)
+    p.add_argument("--noise", type=int, default=512, help="noise draws for the model's mean at t = T")
     args = p.parse_args()
 
     pipe = jaxdiff.load(args.model)
@@ -69,6 +98,17 @@ def main():
     print(f"{len(latents)} two-object images; latent variance {latents.var():.4f}")
     print(f"loss gain at t=T of the colours, over nothing:            {split_half_gain(latents, unordered, nothing):.4f}")
     print(f"loss gain at t=T of the relation and order, over colours: {split_half_gain(latents, ordered, unordered):.4f}")
+    np.set_printoptions(precision=2, suppress=True, linewidth=200)
+    by_key = collections.defaultdict(list)
+    for latent, key in zip(latents, ordered):
+        by_key[key].append(latent)
+    data_diff = (np.mean(by_key[("red", "blue", "to the left of")], 0)
+                 - np.mean(by_key[("red", "blue", "to the right of")], 0))
+    print("layout prior, left-of minus right-of (red, blue), by latent column, one row per channel")
+    print("data:\n", data_diff.mean(0).T)
+    print("model at t=T:\n", (mean_clean_estimate(pipe, "a red square to the left of a blue square", latents.shape[1:], args.noise)
+                              - mean_clean_estimate(pipe, "a red square to the right of a blue square", latents.shape[1:], args.noise)
+                              ).mean(0).T)
     (written, flipped), = prompt_adherence.relation_loss_gap(pipe, timesteps=(999,)).values()
     print(f"the model's loss at t=999 (256 validation images): as written {written:.4f}, "
           f"opposite relation {flipped:.4f} (gap {flipped - written:+.4f})")
