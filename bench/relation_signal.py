@@ -65,7 +65,8 @@ def mean_clean_estimate(pipe, caption: str, shape: tuple, draws: int) -> np.ndar
     def x0(key):
         noisy = jax.random.normal(key, (64, *shape))
         pred = P.apply_unet(models, params["unet"], noisy, t, cond)
-        # x0 = sqrt(ac) x_t - sqrt(1 - ac) v, or (x_t - sqrt(1 - ac) eps) / sqrt(ac)
+        # x0 = sqrt(ac) x_t - sqrt(1 - ac) v, or (x_t - sqrt(1 - ac) eps) / sqrt(ac). Not
+        # denoise.denoiser: it works in sigma space, where zero terminal SNR is sigma = inf.
         return (jnp.sqrt(ac) * noisy - jnp.sqrt(1 - ac) * pred if models.prediction_type == "v_prediction"
                 else (noisy - jnp.sqrt(1 - ac) * pred) / jnp.sqrt(ac)).mean(0)
 
@@ -99,16 +100,12 @@ def main():
     print(f"loss gain at t=T of the colours, over nothing:            {split_half_gain(latents, unordered, nothing):.4f}")
     print(f"loss gain at t=T of the relation and order, over colours: {split_half_gain(latents, ordered, unordered):.4f}")
     np.set_printoptions(precision=2, suppress=True, linewidth=200)
-    by_key = collections.defaultdict(list)
-    for latent, key in zip(latents, ordered):
-        by_key[key].append(latent)
-    data_diff = (np.mean(by_key[("red", "blue", "to the left of")], 0)
-                 - np.mean(by_key[("red", "blue", "to the right of")], 0))
+    data_mean = lambda relation: latents[[key == ("red", "blue", relation) for key in ordered]].mean(0)
+    model_mean = lambda relation: mean_clean_estimate(pipe, f"a red square {relation} a blue square",
+                                                      latents.shape[1:], args.noise)
     print("layout prior, left-of minus right-of (red, blue), by latent column, one row per channel")
-    print("data:\n", data_diff.mean(0).T)
-    print("model at t=T:\n", (mean_clean_estimate(pipe, "a red square to the left of a blue square", latents.shape[1:], args.noise)
-                              - mean_clean_estimate(pipe, "a red square to the right of a blue square", latents.shape[1:], args.noise)
-                              ).mean(0).T)
+    for name, mean in (("data", data_mean), ("model at t=T", model_mean)):
+        print(f"{name}:\n", (mean("to the left of") - mean("to the right of")).mean(0).T)
     (written, flipped), = prompt_adherence.relation_loss_gap(pipe, timesteps=(999,)).values()
     print(f"the model's loss at t=999 (256 validation images): as written {written:.4f}, "
           f"opposite relation {flipped:.4f} (gap {flipped - written:+.4f})")
