@@ -40,6 +40,7 @@ _DEFAULTS: dict[str, Any] = dict(
     class_embeddings_concat=False, mid_block_only_cross_attention=None, cross_attention_norm=None,
     addition_embed_type_num_heads=64,
 )
+CONFIG_FIELDS = frozenset(_DEFAULTS)  # the diffusers config keys this port reads (others are ignored)
 
 # Accepted and, as in diffusers for the block types supported here, without effect: dropout (inference
 # only), upcast_attention (attention logits and softmax are always float32 here), sample_size, and
