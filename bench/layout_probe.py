@@ -13,7 +13,10 @@ of a random scene of the spec, so what is measured is the architecture, not the 
   - ramp:     the same sign times a ramp along the relation's axis, -0.5 to 0.5 (the caption becomes
     a field that differs by position: the layout prior of the relation alone);
   - binding:  the ramp times (u(colour 1) - u(colour 2)), u a fixed random 4-vector per colour (each
-    named colour on its own side: the shape of the real E[x0 | caption]).
+    named colour on its own side: the shape of the real E[x0 | caption]);
+  - first, second: the ramp times u(colour 1), or times -u(colour 2): one object's half of binding.
+    CLIP's text encoder is causal, so the first colour's tokens cannot see the relation that follows
+    them; the second's can.
 It prints the fraction of the target's variance left unexplained on 256 held-out captions (fixed
 noise) every `--every` steps: 1 is a model that predicts 0, 0 is the target.
 """
@@ -37,7 +40,7 @@ from jaxdiff.data import shapes  # noqa: E402
 from jaxdiff.models.unet import CONFIG_FIELDS  # noqa: E402
 from jaxdiff.train import loop, step as step_lib  # noqa: E402
 
-TARGETS = ("constant", "ramp", "binding")
+TARGETS = ("constant", "ramp", "binding", "first", "second")
 
 
 def relation_axis(relation: str) -> tuple[int, float]:
@@ -65,8 +68,9 @@ def targets(scenes, target: str, latent_shape: tuple, colour_codes: np.ndarray) 
         elif target == "ramp":
             out[i] = np.broadcast_to(field[..., None], (h, w, c))
         else:
-            first, second = (colours.index(o.colour) for o in scene.objects)
-            out[i] = field[..., None] * (colour_codes[first] - colour_codes[second])
+            first, second = (colour_codes[colours.index(o.colour)] for o in scene.objects)
+            code = {"binding": first - second, "first": first, "second": -second}[target]
+            out[i] = field[..., None] * code
     return out
 
 
@@ -82,6 +86,9 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--train-text", action="store_true", help="train the text encoder too (default: frozen)")
+    ap.add_argument("--centred-codes", action="store_true",
+                    help="colour codes with zero mean over the colours: no part of first/second is the "
+                         "same for every colour (binding has none either way)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -97,6 +104,8 @@ def main():
     latent_shape = (*models.sample_size, models.latent_channels)
     t_last = float(configs.scheduler["num_train_timesteps"] - 1)
     codes = np.random.default_rng(args.seed + 1).normal(size=(len(shapes.COLOURS), latent_shape[-1]))
+    if args.centred_codes:
+        codes -= codes.mean(axis=0)
 
     def batch(rng, n):
         scenes = [shapes.random_scene(rng) for _ in range(n)]
@@ -131,6 +140,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     name = " ".join([args.unet or "default"] + args.set)
     print(f"U-Net {name!r}, target {args.target!r}, text encoder {'trained' if args.train_text else 'frozen'}, "
+          f"{'centred ' if args.centred_codes else ''}colour codes, "
           f"batch {args.batch}, lr {args.lr}: fraction of the target's variance unexplained")
     t0 = time.perf_counter()
     for i in range(1, args.steps + 1):
