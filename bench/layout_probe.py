@@ -1,6 +1,7 @@
 """Can a U-Net architecture turn a caption into a layout at t = T? A screen on clean synthetic targets.
 
-    python bench/layout_probe.py [--unet VARIANT] [--target ramp] [--steps 300] [--train-text]
+    python bench/layout_probe.py [--unet VARIANT] [--set FIELD=JSON ...] [--target ramp] [--steps 300]
+                                 [--train-text] [--centred-codes]
 
 At zero terminal SNR the U-Net's input at t = T is pure noise and its best output is -E[x0 | caption]:
 for "a red ... to the left of a blue ..." that puts red on the left and blue on the right. The real
@@ -14,9 +15,8 @@ of a random scene of the spec, so what is measured is the architecture, not the 
     a field that differs by position: the layout prior of the relation alone);
   - binding:  the ramp times (u(colour 1) - u(colour 2)), u a fixed random 4-vector per colour (each
     named colour on its own side: the shape of the real E[x0 | caption]);
-  - first, second: the ramp times u(colour 1), or times -u(colour 2): one object's half of binding.
-    CLIP's text encoder is causal, so the first colour's tokens cannot see the relation that follows
-    them; the second's can.
+  - first, second: the ramp times u(colour 1), or times -u(colour 2): one object's half of binding,
+    which, unlike binding, has a part that is the same for every colour unless `--centred-codes`.
 It prints the fraction of the target's variance left unexplained on 256 held-out captions (fixed
 noise) every `--every` steps: 1 is a model that predicts 0, 0 is the target.
 """
