@@ -130,9 +130,8 @@ def main():
 
     @jax.jit
     def step(p, opt_state, ids, noise, target):
-        loss, grads = jax.value_and_grad(loss_fn)(p, ids, noise, target)
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
+        updates, opt_state = optimizer.update(jax.grad(loss_fn)(p, ids, noise, target), opt_state, p)
+        return optax.apply_updates(p, updates), opt_state
 
     held_out = batch(np.random.default_rng(10_000 + args.seed), 256)
     baseline = float(jnp.mean(held_out[2] ** 2))
@@ -144,7 +143,7 @@ def main():
           f"batch {args.batch}, lr {args.lr}: fraction of the target's variance unexplained")
     t0 = time.perf_counter()
     for i in range(1, args.steps + 1):
-        trainable, opt_state, _ = step(trainable, opt_state, *batch(rng, args.batch))
+        trainable, opt_state = step(trainable, opt_state, *batch(rng, args.batch))
         if i % args.every == 0 or i == args.steps:
             print(f"  step {i:5d}: {float(evaluate(trainable, *held_out)) / baseline:.3f}   "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
