@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from jaxdiff.models import contrastive
+
 SHAPES_WORDS = ("a", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square",
                 "triangle", "to", "the", "left", "right", "of", "above", "below")
 
@@ -21,7 +23,8 @@ def check_variant(arg: str | None, variants: tuple[str, ...], module: str) -> No
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "unet"  # "unet" (diffusion objective) or "vae" (reconstruction + KL)
+    # "unet" (diffusion objective), "vae" (reconstruction + KL) or "clip" (text encoder pretraining)
+    c.mode = "unet"
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()  # components built from scratch (diffusers config dicts)
@@ -32,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scheduler = dict(SD_SCHEDULER)
     c.model.tokenizer_words = SHAPES_WORDS
     c.model.max_length = 77
+    c.model.contrastive = dict(contrastive.DEFAULTS)  # mode "clip": its image tower and projection
 
     c.init = ml_collections.ConfigDict()  # components taken from a diffusers folder or a run dir
     c.init.path = ""

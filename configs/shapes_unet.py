@@ -20,7 +20,7 @@ TEXT_ENCODER = dict(architectures=["CLIPTextModel"], hidden_size=128, intermedia
                     projection_dim=128)
 
 
-VARIANTS = ('tiny', 'eps', 'from_eps', 'pooled', 'deep', 'film', 'wide_out')  # configs/NAME.py:VARIANT
+VARIANTS = ('tiny', 'eps', 'from_eps', 'retext', 'pooled', 'deep', 'film', 'wide_out')  # configs/NAME.py:VARIANT
 
 
 def get_config(arg=None):
@@ -59,6 +59,16 @@ def get_config(arg=None):
         c.init.components = ("vae", "unet", "text_encoders")
         c.init.calibrate_scaling_factor = False  # the run's VAE carries its calibrated factor
         c.train.steps = 5000
+    if arg == "retext":  # a trained U-Net moved onto a contrastively pretrained text encoder, frozen
+        # --config.init.path: a configs/shapes_clip.py run that carried this U-Net along
+        # (--config.init.components='("vae","unet")' there). The text encoder trained jointly with the
+        # U-Net reads a caption as a bag of objects; the CLIP-pretrained one tells the layouts apart.
+        c.init.path = "runs/shapes_clip"
+        c.init.components = ("vae", "unet", "text_encoders")
+        c.init.calibrate_scaling_factor = False  # the VAE keeps the factor the U-Net was trained with
+        c.train.train_text_encoder = False
+        c.train.steps = 3000
+        c.checkpoint.every = 250
     if arg == "pooled":  # an experiment (README, on relations); not yet trained from scratch
         # The bundled model reads a caption as a bag of objects (eval --relation-sensitivity = 0): the
         # relation never reaches the image through cross-attention alone. diffusers'

@@ -383,7 +383,13 @@ def pipeline_param_shapes(models: Models) -> dict:
 
 
 def init_params(models: Models, seed: int) -> dict:
-    """Random params for every component, for training from scratch.
+    """Random params for every component, for training from scratch (`random_params`)."""
+    return random_params(pipeline_param_shapes(models), seed)
+
+
+def random_params(shapes, seed: int):
+    """Random params of the shapes (a pytree of `jax.ShapeDtypeStruct`s), as a PyTorch model of
+    them would start.
 
     PyTorch's default initialisation, which diffusers models are trained from: kernels
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases 0, norm scales 1, embeddings N(0, 0.02) (as CLIP),
@@ -408,7 +414,7 @@ def init_params(models: Models, seed: int) -> dict:
             value = np.zeros(shape)
         return jnp.asarray(value, leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(draw, pipeline_param_shapes(models))
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def default_settings(configs: PipelineConfigs) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 import jaxdiff
 import main
-from configs import shapes_unet, shapes_vae
+from configs import shapes_clip, shapes_unet, shapes_vae
 from jaxdiff.train import loop
 
 
@@ -53,7 +53,7 @@ def _eval_loss(config, params, tokenizers, models, steps=4):
     return total / steps
 
 
-@pytest.mark.parametrize("module", [shapes_vae, shapes_unet])
+@pytest.mark.parametrize("module", [shapes_vae, shapes_unet, shapes_clip])
 def test_tiny_config_loss_falls(module, tfds_dir, tmp_path):
     from jaxdiff import pipeline as P
 
@@ -136,8 +136,11 @@ def test_unknown_mode_is_named(tfds_dir, tmp_path):
 
 
 # (padded rows, micro-batches) against 6 rows in one step; the U-Net compiles slowly, so it gets two.
+# CLIP's negatives are the rest of the (micro-)batch, so micro-batching changes its loss by design;
+# padding must not (a pad row is nobody's negative).
 @pytest.mark.parametrize("module, cases", [(shapes_vae, [(8, 1), (6, 2), (6, 3), (8, 4)]),
-                                           (shapes_unet, [(8, 1), (8, 4)])])
+                                           (shapes_unet, [(8, 1), (8, 4)]),
+                                           (shapes_clip, [(8, 1), (12, 1)])])
 def test_padding_and_accumulation_change_nothing(module, cases, tfds_dir):
     """Weight-0 pad rows and micro-batching give the plain step's update (rows keep their randomness)."""
     from jaxdiff import pipeline as P
@@ -225,6 +228,25 @@ def test_frozen_subtrees_stay_put(tfds_dir):
     config.train.frozen = ("vae/encodr",)
     with pytest.raises(ValueError, match="vae/encodr"):
         step_lib.create_state(params, config, step_lib.make_optimizer(config))
+
+
+def test_clip_run_hands_its_text_encoder_to_the_unet_stage(tfds_dir, tmp_path):
+    """The chain of the bundled model: a CLIP run carries the VAE along, and the U-Net stage takes the
+    VAE and the pretrained text encoder (EMA) from it; the training-only heads stay behind."""
+    run = str(tmp_path / "clip")
+    vae_run = str(tmp_path / "vae")
+    loop.train(_config(shapes_vae, tfds_dir, **{"train.steps": 2}), vae_run)
+    state = loop.train(_config(shapes_clip, tfds_dir, **{"init.path": vae_run}), run)
+    pipe = loop.restore_pipeline(run)
+    assert set(pipe.params) == set(loop.COMPONENTS)
+    np.testing.assert_array_equal(pipe.params["vae"]["decoder"]["conv_out"]["kernel"],
+                                  loop.restore_pipeline(vae_run).params["vae"]["decoder"]["conv_out"]["kernel"])
+    config = _config(shapes_unet, tfds_dir, **{"init.path": run, "init.components": ("vae", "text_encoders"),
+                                               "train.train_text_encoder": False})
+    _, params, _ = loop.build_pipeline(config)
+    assert "contrastive" not in params
+    for a, b in zip(jax.tree.leaves(params["text_encoders"]), jax.tree.leaves(state.ema["text_encoders"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_vae_decoder_swap_checks_the_encoder(tfds_dir):

@@ -29,6 +29,7 @@ from jaxdiff import parallel
 from jaxdiff import pipeline as P
 from jaxdiff import text
 from jaxdiff.images import save_pngs
+from jaxdiff.models.contrastive import ContrastiveHeads
 from jaxdiff.train import data, step as step_lib
 from jaxdiff.train.checkpoint import Checkpointer
 
@@ -80,7 +81,17 @@ def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
     params = P.init_params(P.build_models(configs), config.seed)
     if base is not None:
         params.update({k: base.params[k] for k in take if k in COMPONENTS})
+    params.update(P.random_params(training_head_shapes(config, configs), config.seed))
     return configs, params, tokenizers
+
+
+def training_head_shapes(config, configs: P.PipelineConfigs) -> dict:
+    """The shapes of the params a mode trains beside the pipeline's own (mode "clip": its image tower,
+    text projection and temperature, under "contrastive"); empty for the other modes."""
+    if config.mode != "clip":
+        return {}
+    heads = ContrastiveHeads.from_config(config.model.contrastive)
+    return {"contrastive": heads.param_shapes(config.data.resolution, configs.text_encoders[0]["hidden_size"])}
 
 
 def calibrate_scaling_factor(configs: P.PipelineConfigs, vae_params, source, config,
@@ -143,7 +154,7 @@ def read_run(workdir: str):
 
 def abstract_state(config, configs, optimizer):
     """The TrainState's structure and shapes, computed without allocating it."""
-    shapes = P.pipeline_param_shapes(P.build_models(configs))
+    shapes = {**P.pipeline_param_shapes(P.build_models(configs)), **training_head_shapes(config, configs)}
     return jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), shapes)
 
 
@@ -161,8 +172,8 @@ def restore_pipeline(workdir: str, use_ema: bool = True) -> P.Pipeline:
     if state is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     models = P.build_models(configs)
-    return P.Pipeline(models, state.pipeline_params(use_ema), tokenizers, configs,
-                      dict(config.export.defaults), path=workdir)
+    params = {k: v for k, v in state.pipeline_params(use_ema).items() if k in COMPONENTS}
+    return P.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults), path=workdir)
 
 
 # VAE config fields that do not change what the weights mean.
@@ -251,6 +262,8 @@ def padded_batch_size(config, mesh) -> int:
 
 
 def _save_samples(config, state, models, configs, tokenizers, batch, workdir, step):
+    if config.mode == "clip":
+        return  # nothing to draw: the U-Net is not what this mode trains
     out = os.path.join(workdir, "samples")
     params = state.pipeline_params(use_ema=True)
     if config.mode == "vae":

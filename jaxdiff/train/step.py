@@ -1,13 +1,17 @@
 """The pure training step: `train_step(state, batch, rng) -> (state, metrics)`.
 
-Two objectives over one state shape:
+Three objectives over one state shape:
 - "unet": the diffusion objective of the seed: encode images with the frozen VAE, draw t and noise,
   noise the latents, predict the noise (epsilon) or v; optional min-SNR-gamma weighting; captions
   dropped to the empty prompt with some probability so that classifier-free guidance works.
 - "vae": reconstruction (L1 + L2, optionally L1 on image gradients) plus a small KL term towards N(0, 1).
+- "clip": CLIP's contrastive loss between the text encoder's pooled caption and a small image tower
+  (`models/contrastive.py`), to pretrain the text encoder as SD's was pretrained. The negatives are the
+  other rows of the batch (of each micro-batch, with `grad_accum_steps` > 1).
 
-Params are one pipeline pytree ({"text_encoders", "unet", "vae"}); `TrainState.params` holds the
-trained parts and `TrainState.frozen` the rest, so the optimizer never sees frozen weights.
+Params are one pipeline pytree ({"text_encoders", "unet", "vae"}, plus "contrastive" in mode "clip");
+`TrainState.params` holds the trained parts and `TrainState.frozen` the rest, so the optimizer never
+sees frozen weights.
 
 Objectives return per-example values; the step takes their mean weighted by `batch["weights"]` (all
 ones when absent). Padding rows get weight 0, which is how a global batch that does not divide over the
@@ -30,10 +34,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxdiff import pipeline as P
+from jaxdiff.models.contrastive import ContrastiveHeads, contrastive_loss
 from jaxdiff.sampling import schedules
 
 # Which pipeline components each mode trains (the text encoders join by config).
-TRAINED = {"unet": ("unet",), "vae": ("vae",)}
+TRAINED = {"unet": ("unet",), "vae": ("vae",), "clip": ("text_encoders", "contrastive")}
 
 
 @flax.struct.dataclass
@@ -209,13 +214,27 @@ def vae_loss(models: P.Models, params: dict, batch: dict, keys, config):
     return {"loss": loss, "l1": l1, "l2": l2, "edge": edge, "kl": kl}
 
 
+def clip_loss(models: P.Models, heads: ContrastiveHeads, params: dict, batch: dict):
+    """Per example: CLIP's symmetric contrastive loss of `batch["images"]` against their captions
+    (the first text encoder's EOS state), the batch's other rows as negatives; `batch["weights"]` 0
+    marks padding rows, which are nobody's negative."""
+    pooled = models.text_encoders[0].apply({"params": params["text_encoders"][0]}, batch["ids"][0]).pooler_output
+    images, texts, scale = heads.apply({"params": params["contrastive"]}, batch["images"], pooled)
+    loss = contrastive_loss(images, texts, scale, batch["weights"] > 0)
+    return {"loss": loss, "logit_scale": jnp.broadcast_to(scale, loss.shape)}
+
+
 def make_objective(models: P.Models, config) -> Callable:
-    """`objective(params, batch, keys) -> {"loss": [B], ...}`: the per-example loss of `config.mode`."""
+    """`objective(params, batch, keys) -> {"loss": [B], ...}`: the per-example loss of `config.mode`
+    (`batch["weights"]` is 0 on padding rows)."""
     if config.mode == "unet":
         ac = jnp.asarray(schedules.alphas_cumprod(config.model.scheduler.to_dict()))
         return lambda p, b, k: diffusion_loss(models, p, b, k, config, ac)
     if config.mode == "vae":
         return lambda p, b, k: vae_loss(models, p, b, k, config)
+    if config.mode == "clip":
+        heads = ContrastiveHeads.from_config(config.model.contrastive)
+        return lambda p, b, k: clip_loss(models, heads, p, b)
     trained_components(config)  # raises, naming the mode
 
 
@@ -238,7 +257,7 @@ def make_train_step(models: P.Models, config, optimizer) -> Callable:
             micro_batch, w, micro_keys = micro
 
             def loss_fn(trained):
-                values = objective({**state.frozen, **trained}, micro_batch, micro_keys)
+                values = objective({**state.frozen, **trained}, {**micro_batch, "weights": w}, micro_keys)
                 return jnp.sum(values["loss"] * w) / total, values
             (_, values), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             return {k: jnp.sum(v * w) for k, v in values.items()}, grads

@@ -1,0 +1,37 @@
+"""Stage 2 of the bundled model: the CLIP-style text encoder, pretrained contrastively against images of
+the shapes data (models/contrastive.py), as Stable Diffusion's text encoder was pretrained before its
+U-Net was trained on it (frozen). The VAE of stage 1 rides along untouched, so that stage 3 takes
+both from this run.
+
+    python main.py train --config configs/shapes_clip.py --workdir runs/shapes_clip \
+        --config.init.path=runs/shapes_vae
+"""
+
+from configs import common, shapes_unet
+
+VARIANTS = ('tiny',)  # configs/NAME.py:VARIANT
+
+
+def get_config(arg=None):
+    common.check_variant(arg, VARIANTS, __name__)
+    c = shapes_unet.get_config("tiny" if arg == "tiny" else None)
+    c.mode = "clip"
+    c.init.components = ("vae",)
+    c.init.calibrate_scaling_factor = False  # the U-Net stage calibrates the latents it trains on
+    c.train.cache_latents = False  # images, not latents: the image tower reads pixels
+    # Big batches: a caption learns its layout only from negatives with the same words in another
+    # layout, and a batch of 256 holds about one such negative per caption.
+    c.train.batch_size = 256
+    c.train.steps = 1000
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 100
+    c.train.ema_decay = 0.995  # over 1000 steps 0.999 would keep 37% of the random initialisation
+    c.train.caption_dropout = 0.0
+    c.sample_every = 0
+    c.checkpoint.every = 250
+    if arg == "tiny":
+        c.model.contrastive = dict(c.model.contrastive.to_dict(), channels=(8, 16), norm_num_groups=4,
+                                   projection_dim=16)
+        c.train.batch_size, c.train.steps = 4, 4
+        c.checkpoint.every = 2
+    return c
