@@ -1,10 +1,23 @@
-"""Stage 2 of the bundled model: the CLIP-style text encoder, pretrained contrastively against images of
-the shapes data (models/contrastive.py), as Stable Diffusion's text encoder was pretrained before its
-U-Net was trained on it (frozen). The VAE of stage 1 rides along untouched, so that stage 3 takes
-both from this run.
+"""The CLIP-style text encoder, pretrained contrastively against images of the shapes data
+(models/contrastive.py), as Stable Diffusion's text encoder was pretrained before its U-Net was
+trained on it, frozen. The VAE (and, if named, a U-Net) of the init rides along untouched, so that the
+U-Net stage takes everything from this run.
+
+How the bundled model used it (README, Training): after its first U-Net, exported with its sharpened
+VAE decoder to out/shapes_model, which this run carried along,
+
+    python main.py train --config configs/shapes_clip.py --workdir runs/shapes_clip \
+        --config.init.path=out/shapes_model --config.init.components='("vae","unet")'
+    python main.py train --config configs/shapes_unet.py:retext --workdir runs/shapes_retext \
+        --config.init.path=runs/shapes_clip
+
+From scratch it would sit between the VAE and the U-Net (not run yet):
 
     python main.py train --config configs/shapes_clip.py --workdir runs/shapes_clip \
         --config.init.path=runs/shapes_vae
+    python main.py train --config configs/shapes_unet.py --workdir runs/shapes_unet \
+        --config.init.path=runs/shapes_clip --config.init.components='("vae","text_encoders")' \
+        --config.train.train_text_encoder=False
 """
 
 from configs import common, shapes_unet
