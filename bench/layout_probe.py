@@ -1,14 +1,15 @@
 """Can a U-Net architecture turn a caption into a layout at t = T? A screen on clean synthetic targets.
 
     python bench/layout_probe.py [--unet VARIANT] [--set FIELD=JSON ...] [--target ramp] [--steps 300]
-                                 [--train-text] [--centred-codes]
+                                 [--text MODEL] [--train-text] [--centred-codes]
 
 At zero terminal SNR the U-Net's input at t = T is pure noise and its best output is -E[x0 | caption]:
 for "a red ... to the left of a blue ..." that puts red on the left and blue on the right. The real
 objective buries that layout in the variance of x0 (bench/relation_signal.py: 0.024 of a loss of
 0.9). Here a freshly initialised shapes U-Net (`configs/shapes_unet.py`, or `--unet VARIANT` of
-it) with a random text encoder is trained at t = T alone on noise-free targets built from the caption
-of a random scene of the spec, so what is measured is the architecture, not the data's noise:
+it) with a random text encoder (or `--text MODEL`'s) is trained at t = T alone on noise-free targets
+built from the caption of a random scene of the spec, so what is measured is the architecture, not
+the data's noise:
   - constant: +0.3 everywhere for "to the left of" / "above", -0.3 for the opposite, 0 for one object
     (the caption reaches the output at all);
   - ramp:     the same sign times a ramp along the relation's axis, -0.5 to 0.5 (the caption becomes
@@ -86,6 +87,9 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--train-text", action="store_true", help="train the text encoder too (default: frozen)")
+    ap.add_argument("--text", default=None, metavar="MODEL",
+                    help="start from this model's text encoder and tokenizer (a diffusers folder or a run "
+                         "directory, e.g. a configs/shapes_clip.py run) instead of a random one")
     ap.add_argument("--centred-codes", action="store_true",
                     help="colour codes with zero mean over the colours: no part of first/second is the "
                          "same for every colour (binding has none either way)")
@@ -99,6 +103,8 @@ def main():
         if not sep or field not in CONFIG_FIELDS:
             ap.error(f"--set {item!r}: expected FIELD=JSON with FIELD a UNet2DConditionModel config field")
         config.model.unet[field] = json.loads(value)
+    if args.text:
+        config.init.path, config.init.components = args.text, ("text_encoders",)
     configs, params, tokenizers = loop.build_pipeline(config)
     models = P.build_models(configs)
     latent_shape = (*models.sample_size, models.latent_channels)
@@ -138,7 +144,9 @@ def main():
     evaluate = jax.jit(loss_fn)
     rng = np.random.default_rng(args.seed)
     name = " ".join([args.unet or "default"] + args.set)
-    print(f"U-Net {name!r}, target {args.target!r}, text encoder {'trained' if args.train_text else 'frozen'}, "
+    text_name = f"{args.text}'s" if args.text else "random"
+    print(f"U-Net {name!r}, target {args.target!r}, {text_name} text encoder "
+          f"{'trained' if args.train_text else 'frozen'}, "
           f"{'centred ' if args.centred_codes else ''}colour codes, "
           f"batch {args.batch}, lr {args.lr}: fraction of the target's variance unexplained")
     t0 = time.perf_counter()
