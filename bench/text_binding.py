@@ -24,6 +24,7 @@ from jaxdiff import pipeline as P  # noqa: E402
 from jaxdiff import text  # noqa: E402
 from jaxdiff.data import shapes  # noqa: E402
 from jaxdiff.train import loop  # noqa: E402
+from layout_probe import relation_axis  # noqa: E402  (bench/ is this script's directory)
 
 RIDGE = 1e-2  # per training example, on standardised features
 N_TRAIN = 800
@@ -38,11 +39,10 @@ def captions_and_targets(seed: int = 1):
         if c1 == c2:
             continue
         captions.append(shapes.format_caption([(c1, s1), (c2, s2)], relation))
-        # +1 when the relation puts object 1 on the low side (left, top) of that axis
-        along_x = -shapes.relation_gap((1.0, 0.0), (0.0, 0.0), relation)
-        along_y = -shapes.relation_gap((0.0, 1.0), (0.0, 0.0), relation)
-        diff = codes[colours.index(c1)] - codes[colours.index(c2)]
-        targets.append(np.concatenate([along_x * diff, along_y * diff]))
+        axis, sign = relation_axis(relation)  # axis 1: along x, 0: along y
+        target = np.zeros((2, codes.shape[1]))
+        target[1 - axis] = sign * (codes[colours.index(c1)] - codes[colours.index(c2)])
+        targets.append(target.ravel())  # the x part, then the y part
     return captions, np.asarray(targets)
 
 
@@ -58,15 +58,12 @@ def load(name: str | None):
     pipeline for "random", else a diffusers folder or a run directory."""
     import jaxdiff
 
-    if name is None:
-        pipe = jaxdiff.load()
-        return pipe.models, pipe.params, pipe.tokenizers
     if name == "random":
         config = shapes_unet.get_config()
         config.init.path = ""
         configs, params, tokenizers = loop.build_pipeline(config)
         return P.build_models(configs), params, tokenizers
-    pipe = loop.restore_pipeline(name) if os.path.exists(os.path.join(name, loop.RUN_CONFIG)) else jaxdiff.load(name)
+    pipe = jaxdiff.load() if name is None else loop.load_pipeline(name)
     return pipe.models, pipe.params, pipe.tokenizers
 
 

@@ -41,7 +41,7 @@ class ContrastiveHeads(nn.Module):
         unknown = set(config) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown model.contrastive fields {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        return cls(**{**DEFAULTS, **{k: tuple(v) if k == "channels" else v for k, v in config.items()}})
+        return cls(**{k: tuple(v) if k == "channels" else v for k, v in config.items()})
 
     @nn.compact
     def __call__(self, images: jax.Array, pooled_text: jax.Array):

@@ -38,7 +38,7 @@ COMPONENTS = ("text_encoders", "unet", "vae")  # the param subtrees of a pipelin
 INIT_COMPONENTS = COMPONENTS + ("scheduler",)  # what config.init may take from another model
 
 
-def _load_init(path: str) -> P.Pipeline:
+def load_pipeline(path: str) -> P.Pipeline:
     """A diffusers folder, or the newest checkpoint of a jaxdiff run directory."""
     if os.path.exists(os.path.join(path, RUN_CONFIG)):
         return restore_pipeline(path)
@@ -57,7 +57,7 @@ def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
     unknown = set(take) - set(INIT_COMPONENTS)
     if unknown:
         raise ValueError(f"unknown init.components {sorted(unknown)}; choose from {INIT_COMPONENTS}")
-    base = _load_init(config.init.path) if take else None
+    base = load_pipeline(config.init.path) if take else None
     if base is not None and "text_encoders" in take:
         tokenizers = list(base.tokenizers)
     else:
