@@ -64,6 +64,9 @@ def _eval_parser(sub):
     p.add_argument("--relation-loss-gap", action="store_true",
                    help="also print the U-Net's loss on two-object validation images at high noise with "
                         "each caption as written and with the opposite relation (equal: not read)")
+    p.add_argument("--vae-roundtrip", action="store_true",
+                   help="also score the VAE's reconstructions of N validation images: the ceiling the VAE "
+                        "puts on adherence")
 
 
 def evaluate(args) -> int:
@@ -90,6 +93,10 @@ def evaluate(args) -> int:
         print("U-Net loss on two-object validation images, as written / with the opposite relation:")
         for t, (written, flipped) in prompt_adherence.relation_loss_gap(pipe, seed=args.seed).items():
             print(f"  t={t}: {written:.4f} / {flipped:.4f} (gap {flipped - written:+.4f})")
+    if args.vae_roundtrip:
+        print(f"VAE round trip of {args.n} validation images (what the decoder can draw at best):")
+        print(prompt_adherence.format_scores(prompt_adherence.vae_roundtrip(pipe, n=args.n,
+                                                                            batch_size=args.batch_size)))
     return 0
 
 

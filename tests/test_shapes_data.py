@@ -156,8 +156,31 @@ def test_detector_is_exact_on_ground_truth(validation, detections):
             assert np.allclose(d.centroid, o.centroid, atol=0.5) and d.bbox == tuple(int(v) for v in o.bbox)
     assert all(detector.matches(found, text) for found, text in zip(detections, captions))
     result = detector.score(images[:200], captions[:200])  # score() detects again: a subset shows its output
+    by_background = result.pop("by_background")
     assert result == {"overall": 1.0, "single": 1.0, **{r: 1.0 for r in shapes.RELATIONS}, "n": 200,
                       "failures": {}}
+    expected = {}
+    for scene in scenes[:200]:
+        for o in scene.objects:
+            expected.setdefault(scene.background, {}).setdefault(o.colour, 0)
+            expected[scene.background][o.colour] += 1
+    assert {bg: {c: n for c, (_, n) in row.items()} for bg, row in by_background.items()} == expected
+    assert all(ok == n for row in by_background.values() for ok, n in row.values())
+
+
+def test_score_counts_failures_by_background_and_colour(validation):
+    """A wrong caption counts against its background's row, in the columns of the colours it names."""
+    scenes, images, captions = validation
+    rng = np.random.default_rng(1)
+    texts = [wrong_captions(scene, rng)[0][0] if i % 2 else text
+             for i, (scene, text) in enumerate(zip(scenes[:60], captions[:60]))]
+    by_background = detector.score(images[:60], texts)["by_background"]
+    for bg, row in by_background.items():
+        for colour, (ok, n) in row.items():
+            named = [i for i, (s, t) in enumerate(zip(scenes[:60], texts)) if s.background == bg
+                     and colour in [c for c, _ in shapes.parse_caption(t)[0]]]
+            assert (ok, n) == (sum(i % 2 == 0 for i in named), len(named)), (bg, colour)
+    assert detector.background_name(np.full((8, 8, 3), 120, np.uint8)) == "gray"
 
 
 def wrong_captions(scene, rng):

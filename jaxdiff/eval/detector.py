@@ -4,7 +4,8 @@
     is_correct(image, caption) -> bool
     failure(detect(image), caption) -> None, or why it fails: "extra object", "relation reversed", ...
     score(images, captions)    -> {"overall": 0.93, "single": 0.98, "above": 0.9, ..., "n": 200,
-                                   "failures": {"relation reversed": 9, ...}}
+                                   "failures": {"relation reversed": 9, ...},
+                                   "by_background": {"gray": {"green": (5, 22), ...}, ...}}
 
 It reads ground-truth images exactly and tolerates what a generator gets slightly wrong (noise, blur, colours
 a little off): the background is the median border colour; each pixel is unmixed as a blend of the background
@@ -59,6 +60,12 @@ def background_colour(rgb: np.ndarray) -> np.ndarray:
     """The median border colour: objects cover well under half of the border."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
     return np.median(border, axis=0)
+
+
+def background_name(image) -> str:
+    """The spec background ("black", "gray", "white") nearest to an image's background colour."""
+    background = background_colour(to_rgb255(image))
+    return min(shapes.BACKGROUNDS, key=lambda name: np.sum((background - shapes.BACKGROUNDS[name]) ** 2))
 
 
 def colour_labels(rgb: np.ndarray, tolerance: float = TOLERANCE) -> np.ndarray:
@@ -173,8 +180,11 @@ def caption_kind(caption: str) -> str:
 
 
 def score(images, captions) -> dict:
-    """Fraction correct: "overall", per kind present ("single" and each relation), "n" images, and
-    "failures": how many images failed for each reason of `FAILURES` that occurred."""
+    """Fraction correct: "overall", per kind present ("single" and each relation), "n" images,
+    "failures": how many images failed for each reason of `FAILURES` that occurred, and
+    "by_background": {background: {colour: (correct, images)}} over the images whose caption names that
+    colour, by the background drawn. A caption says nothing of the background, yet a model (its VAE
+    above all) can be much worse on one: the bundled one draws a green object on gray as a blob."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     reasons = [failure(detect(im), c) for im, c in zip(images, captions)]
@@ -186,4 +196,13 @@ def score(images, captions) -> dict:
             result[kind] = float(correct[kinds == kind].mean())
     result["n"] = len(correct)
     result["failures"] = {r: reasons.count(r) for r in FAILURES if r in reasons}
+    cells: dict[str, dict[str, list[int]]] = {}
+    for image, caption, ok in zip(images, captions, correct):
+        row = cells.setdefault(background_name(image), {})
+        for colour, _ in shapes.parse_caption(caption)[0]:
+            row.setdefault(colour, [0, 0])
+            row[colour][0] += int(ok)
+            row[colour][1] += 1
+    result["by_background"] = {bg: {c: tuple(row[c]) for c in shapes.COLOURS if c in row}
+                               for bg in shapes.BACKGROUNDS if (row := cells.get(bg))}
     return result

@@ -28,6 +28,29 @@ def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, **generate
     return detector.score(images, captions), captions, images
 
 
+def vae_roundtrip(pipe, n: int = 512, batch_size: int = 64) -> dict:
+    """Scores, as `detector.score` gives them, of the pipeline's VAE reconstructions (posterior mean,
+    decoded) of the first `n` images of the spec's validation split at the pipeline's size.
+
+    The U-Net can only draw what the decoder can: this is the ceiling the VAE puts on adherence, per
+    kind and per background and colour. No sampling and no text encoder are involved.
+    """
+    import jax
+
+    from jaxdiff import pipeline as P
+
+    height, width = pipe.default_size()
+    if height != width:
+        raise ValueError(f"the shapes data set is square; the pipeline's default size is {height}x{width}")
+    samples = [shapes.sample(i, "validation", resolution=height) for i in range(n)]
+    images = np.stack([image for image, _ in samples]).astype(np.float32) / 255.0
+    round_trip = jax.jit(lambda params, x: P.decode(
+        pipe.models, params, P.scale_latents(pipe.models, P.posterior(pipe.models, params, x)[0])))
+    reconstructions = np.concatenate([np.asarray(round_trip(pipe.params["vae"], images[i:i + batch_size]))
+                                      for i in range(0, n, batch_size)])
+    return detector.score(reconstructions, [caption for _, caption in samples])
+
+
 def relation_sensitivity(pipe, n: int = 64, seed: int = 0, batch_size: int = 16,
                          threshold: float = 0.02, **generate_kwargs) -> dict:
     """Whether a model reads the relation at all: each two-object caption among `n` held-out ones is
@@ -119,11 +142,19 @@ def relation_loss_gap(pipe, n: int = 256, seed: int = 0, timesteps=(999, 950, 90
 
 def format_scores(scores: dict) -> str:
     """One line per kind: overall first, then single objects, then each relation; then the count of
-    failed images per reason (see `detector.FAILURES`)."""
+    failed images per reason (see `detector.FAILURES`); then correct / images per background (rows) and
+    named colour (columns)."""
     order = ["overall", "single"] + [r for r in shapes.RELATIONS if r in scores]
     lines = [f"{kind:>16}: {scores[kind]:.3f}" for kind in order if kind in scores]
     lines.append(f"{'n':>16}: {scores['n']}")
     failures = scores.get("failures", {})
     if failures:
         lines.append("failed images, by reason: " + ", ".join(f"{r} {k}" for r, k in failures.items()))
+    table = scores.get("by_background", {})
+    if table:
+        lines.append("correct / images, by background and named colour:")
+        lines.append(" " * 8 + "".join(f"{c:>9}" for c in shapes.COLOURS))
+        for background, row in table.items():
+            cells = (f"{row[c][0]}/{row[c][1]}" if c in row else "-" for c in shapes.COLOURS)
+            lines.append(f"{background:>8}" + "".join(f"{cell:>9}" for cell in cells))
     return "\n".join(lines)
