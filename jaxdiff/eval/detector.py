@@ -183,8 +183,8 @@ def score(images, captions) -> dict:
     """Fraction correct: "overall", per kind present ("single" and each relation), "n" images,
     "failures": how many images failed for each reason of `FAILURES` that occurred, and
     "by_background": {background: {colour: (correct, images)}} over the images whose caption names that
-    colour, by the background drawn. A caption says nothing of the background, yet a model (its VAE
-    above all) can be much worse on one: the bundled one draws a green object on gray as a blob."""
+    colour, by the background drawn. A caption says nothing of the background, yet a model can be
+    much worse on one: the bundled one draws a green object on gray as a blob, and on black right."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     reasons = [failure(detect(im), c) for im, c in zip(images, captions)]
