@@ -44,8 +44,7 @@ def vae_roundtrip(pipe, n: int = 512, batch_size: int = 64) -> dict:
         raise ValueError(f"the shapes data set is square; the pipeline's default size is {height}x{width}")
     samples = [shapes.sample(i, "validation", resolution=height) for i in range(n)]
     images = np.stack([image for image, _ in samples]).astype(np.float32) / 255.0
-    round_trip = jax.jit(lambda params, x: P.decode(
-        pipe.models, params, P.scale_latents(pipe.models, P.posterior(pipe.models, params, x)[0])))
+    round_trip = jax.jit(lambda params, x: P.decode(pipe.models, params, P.encode_images(pipe.models, params, x)))
     reconstructions = np.concatenate([np.asarray(round_trip(pipe.params["vae"], images[i:i + batch_size]))
                                       for i in range(0, n, batch_size)])
     return detector.score(reconstructions, [caption for _, caption in samples])
