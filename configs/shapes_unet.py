@@ -10,7 +10,8 @@ from configs import common, shapes_vae
 # 16x16 latents. Each level costs about the same (channels double as the side halves); no attention at
 # 16x16, where a shape's outline is drawn, cross-attention at 8x8 and 4x4, where objects are placed.
 # 8 norm groups keep 4+ channels per group (see shapes_vae.py on instance norms).
-UNET = dict(_class_name="UNet2DConditionModel", sample_size=16, in_channels=4, out_channels=4,
+UNET = dict(_class_name="UNet2DConditionModel", sample_size=16,
+            in_channels=shapes_vae.VAE["latent_channels"], out_channels=shapes_vae.VAE["latent_channels"],
             block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

@@ -356,6 +356,10 @@ def _pair(v) -> tuple[int, int]:
 def build_models(configs: PipelineConfigs, dtype: Any = jnp.float32) -> Models:
     """The linen modules and static numbers of a pipeline, from its configs (no params)."""
     unet_config, vae_config = configs.unet, configs.vae
+    predicted, latent = int(unet_config.get("out_channels", 4)), int(vae_config.get("latent_channels", 4))
+    if predicted != latent:
+        raise ValueError(f"the U-Net predicts {predicted} latent channels (unet out_channels) but the VAE's "
+                         f"latents have {latent} (vae latent_channels); they must be equal")
     optional = lambda key: tuple(vae_config[key]) if vae_config.get(key) is not None else None
     return Models(
         text_encoders=tuple(CLIPTextModel.from_config(c, dtype=dtype) for c in configs.text_encoders),

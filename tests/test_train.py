@@ -135,6 +135,12 @@ def test_unknown_mode_is_named(tfds_dir, tmp_path):
         loop.train(config, str(tmp_path))
 
 
+def test_unet_and_vae_latent_channels_must_agree(tfds_dir):
+    config = _config(shapes_unet, tfds_dir, **{"model.vae.latent_channels": 8})
+    with pytest.raises(ValueError, match="predicts 4 latent channels .* latents have 8"):
+        loop.build_pipeline(config)
+
+
 # (padded rows, micro-batches) against 6 rows in one step; the U-Net compiles slowly, so it gets two.
 # CLIP's negatives are the rest of the (micro-)batch, so micro-batching changes its loss by design;
 # padding must not (a pad row is nobody's negative).
