@@ -125,4 +125,5 @@ def get_config(arg=None):
         c.train.cache_latents = False  # tests of the tiny config exercise the encoder in the step
         c.checkpoint.every, c.log_every, c.sample_every = 2, 1, 0
         c.export.defaults = dict(sampler="euler", steps=2, guidance_scale=3.0)
+    common.link_latent_channels(c)
     return c

@@ -51,6 +51,7 @@ def get_config(arg=None):
         c.data.config = "tiny"
         c.train.steps, c.train.batch_size, c.train.warmup_steps = 4, 4, 1
         c.checkpoint.every, c.log_every, c.sample_every = 2, 1, 0
+    common.link_latent_channels(c)
     return c
 
 

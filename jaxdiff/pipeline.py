@@ -353,13 +353,19 @@ def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
 
 
-def build_models(configs: PipelineConfigs, dtype: Any = jnp.float32) -> Models:
-    """The linen modules and static numbers of a pipeline, from its configs (no params)."""
-    unet_config, vae_config = configs.unet, configs.vae
-    predicted, latent = int(unet_config.get("out_channels", 4)), int(vae_config.get("latent_channels", 4))
+def check_latent_channels(configs: PipelineConfigs) -> None:
+    """Raises if the U-Net does not predict the VAE's latents. (Not in `build_models`: a VAE or text
+    encoder training run carries a placeholder U-Net that never meets the VAE.)"""
+    predicted = int(configs.unet.get("out_channels", 4))
+    latent = int(configs.vae.get("latent_channels", 4))
     if predicted != latent:
         raise ValueError(f"the U-Net predicts {predicted} latent channels (unet out_channels) but the VAE's "
                          f"latents have {latent} (vae latent_channels); they must be equal")
+
+
+def build_models(configs: PipelineConfigs, dtype: Any = jnp.float32) -> Models:
+    """The linen modules and static numbers of a pipeline, from its configs (no params)."""
+    unet_config, vae_config = configs.unet, configs.vae
     optional = lambda key: tuple(vae_config[key]) if vae_config.get(key) is not None else None
     return Models(
         text_encoders=tuple(CLIPTextModel.from_config(c, dtype=dtype) for c in configs.text_encoders),
@@ -451,11 +457,13 @@ def read_configs(path: str) -> PipelineConfigs:
     text_configs = tuple(component_config(e) for e, _ in TEXT_COMPONENTS if _component(index, e))
     if not text_configs:
         raise ValueError(f"{path}: model_index.json names no text encoder")
-    return PipelineConfigs(
+    configs = PipelineConfigs(
         pipeline_class=index.get("_class_name", ""), unet=component_config("unet"),
         vae=component_config("vae"), text_encoders=text_configs,
         scheduler=diffusers_io.read_json(os.path.join(path, "scheduler", "scheduler_config.json")),
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
+    check_latent_channels(configs)
+    return configs
 
 
 def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: bool = False) -> Pipeline:

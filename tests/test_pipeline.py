@@ -1,5 +1,6 @@
 """End to end: jaxdiff images equal diffusers' from the same latents, for SD1, SD2 and SDXL."""
 
+import json
 import os
 import shutil
 import warnings
@@ -154,6 +155,17 @@ def test_misshaped_and_extra_tensors_are_named(pipeline_dir, tmp_path):
         jaxdiff.load(path)
     assert "tensor 'conv_in.bias' has shape (7,), unet expects (32,)" in str(err.value)
     assert "unexpected tensor 'mystery.weight'" in str(err.value)
+
+
+def test_unet_that_does_not_predict_the_vae_latents_is_named(pipeline_dir, tmp_path):
+    path = _copy(pipeline_dir("sd1"), tmp_path)
+    config_file = os.path.join(path, "vae", "config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    with open(config_file, "w") as f:
+        json.dump(dict(config, latent_channels=8), f)
+    with pytest.raises(ValueError, match=r"predicts 4 latent channels \(unet out_channels\) but the VAE's latents have 8"):
+        jaxdiff.load(path)
 
 
 def test_pickle_weights_are_refused_unless_allowed(pipeline_dir, tmp_path):

@@ -78,6 +78,8 @@ def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
             scheduler=config.model.scheduler.to_dict())
         if base is not None:
             configs = dataclasses.replace(configs, **{k: getattr(base.configs, k) for k in take})
+    if config.mode == "unet":
+        P.check_latent_channels(configs)
     params = P.init_params(P.build_models(configs), config.seed)
     if base is not None:
         params.update({k: base.params[k] for k in take if k in COMPONENTS})
