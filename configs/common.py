@@ -54,9 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.calibrate_scaling_factor = False  # set the VAE's scaling_factor to 1/std of its latents
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # "tfds" or "folder"
+    c.data.source = "tfds"  # "tfds", "shapes" (the same data generated in memory, no TensorFlow) or "folder"
     c.data.name = "shapes"
-    c.data.config = "res64"
+    c.data.config = "res64"  # TFDS builder config; for the shapes data a name in jaxdiff.data.shapes.BUILDS
     c.data.split = "train"
     c.data.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
     c.data.folder = ""  # a captioned image folder when source == "folder"

@@ -195,6 +195,14 @@ def test_make_source(tmp_path):
 
 # --- TFDS ---------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def tfds_tiny(tmp_path_factory):
+    """A data dir holding the TFDS shapes build "tiny"."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.tfds_source("shapes", "validation", path, "tiny")
+    return path
+
+
 def test_tfds_source_reads_the_generated_split(tmp_path):
     from jaxdiff.data import tfds_shapes
 
@@ -203,6 +211,31 @@ def test_tfds_source_reads_the_generated_split(tmp_path):
     read = sorted((source[i][1], source[i][0].tobytes()) for i in range(len(source)))
     expected = sorted((c, im.tobytes()) for im, c in (shapes.sample(i, "train") for i in range(32)))
     assert len(source) == 32 and read == expected
+
+
+def test_generated_source_equals_the_tfds_build(tfds_tiny):
+    """data.source="shapes" gives the examples of the TFDS build of the same name (in index order; TFDS
+    stores them shuffled by a hash of the key)."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"source": "shapes", "config": "tiny", "split": "validation",
+                                        "resolution": 64})
+    generated = data.make_source(config)
+    built = data.make_source(ml_collections.ConfigDict(
+        dict(config.to_dict(), source="tfds", name="shapes", data_dir=tfds_tiny)))
+    assert len(generated) == len(built) == shapes.BUILDS["tiny"][2]
+    assert generated.captions == [shapes.sample(i, "validation")[1] for i in range(len(generated))]
+    assert sorted(zip(generated.captions, map(bytes, generated.arrays))) == sorted(
+        zip(built.captions, map(bytes, built.arrays)))
+    config.resolution = 32
+    with pytest.raises(ValueError, match="data.resolution is 32"):
+        data.make_source(config)
+
+
+@pytest.mark.parametrize("build, split, named", [("res32", "train", "res32"), ("tiny", "test", "test")])
+def test_generated_source_names_an_unknown_build_or_split(build, split, named):
+    with pytest.raises(ValueError, match=named):
+        data.generated_source(build, split)
 
 
 def test_import_does_not_pull_tensorflow():

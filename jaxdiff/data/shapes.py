@@ -35,6 +35,11 @@ GAP = 2  # pixels of background kept between two objects' bounding boxes
 DATASET_SEED = 20240601  # mixed into every example's seed so the data set is a fixed, named stream
 _MAX_PLACEMENT_TRIES = 1000
 
+# Named builds of the data set: (resolution, train examples, validation examples). The TFDS builder's
+# configs and the in-memory source (`jaxdiff.train.data.generated_source`) both read this table, so the
+# same name gives the same examples either way.
+BUILDS = {"res64": (64, 50_000, 1_000), "res128": (128, 50_000, 1_000), "tiny": (64, 256, 64)}
+
 # (axis, sign): the relation "1 REL 2" holds when sign * (c1[axis] - c2[axis]) > 0; axis 0 = x, 1 = y.
 _RELATION_AXES = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 OPPOSITE_RELATION = {"to the left of": "to the right of", "to the right of": "to the left of",

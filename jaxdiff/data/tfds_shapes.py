@@ -2,7 +2,7 @@
 
     import tensorflow_datasets as tfds
     from jaxdiff.data import tfds_shapes  # registers "shapes"
-    ds = tfds.load("shapes", split="train", data_dir=...)                  # config "res64": 50k / 1k
+    ds = tfds.load("shapes", split="train", data_dir=...)                  # configs: shapes.BUILDS
     builder = tfds_shapes.Shapes(data_dir=..., config=tfds_shapes.ShapesConfig(
         name="res64_small", num_train=1_000, num_validation=100))          # any custom size
 
@@ -34,10 +34,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
-        ShapesConfig(name="res64", description="64x64, 50k train / 1k validation."),
-        ShapesConfig(name="res128", resolution=128, description="128x128, 50k train / 1k validation."),
-        ShapesConfig(name="tiny", num_train=256, num_validation=64,
-                     description="64x64, 256 train / 64 validation: for smoke tests."),
+        ShapesConfig(name=name, resolution=r, num_train=train, num_validation=validation,
+                     description=f"{r}x{r}, {train} train / {validation} validation.")
+        for name, (r, train, validation) in shapes.BUILDS.items()
     ]
     DEFAULT_CONFIG_NAME = "res64"
 
