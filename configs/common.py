@@ -23,7 +23,7 @@ def check_variant(arg: str | None, variants: tuple[str, ...], module: str) -> No
 
 def link_latent_channels(c: ml_collections.ConfigDict) -> None:
     """Makes `model.unet`'s in/out channels follow `model.vae.latent_channels` (the U-Net reads and
-    predicts the VAE's latents), so `--config.model.vae.latent_channels=8` changes all three.
+    predicts the VAE's latents), so `--config.model.vae.latent_channels=4` changes all three.
     `identity()` is a derived reference: setting the U-Net's own value (an inpainting U-Net reads 9
     channels) replaces the link instead of writing through to the VAE. Call it last in `get_config`:
     assigning a new dict to `model.vae` or `model.unet` drops the link."""

@@ -3,21 +3,18 @@
 trained on it, frozen. The VAE (and, if named, a U-Net) of the init rides along untouched, so that the
 U-Net stage takes everything from this run.
 
-How the bundled model used it (README, Training): after its first U-Net, exported with its sharpened
-VAE decoder to out/shapes_model, which this run carried along,
-
-    python main.py train --config configs/shapes_clip.py --workdir runs/shapes_clip \
-        --config.init.path=out/shapes_model --config.init.components='("vae","unet")'
-    python main.py train --config configs/shapes_unet.py:retext --workdir runs/shapes_retext \
-        --config.init.path=runs/shapes_clip
-
-From scratch it would sit between the VAE and the U-Net (not run yet):
+The bundled model (README, Training) trains it between the VAE and the U-Net, which then trains from
+scratch on it, frozen:
 
     python main.py train --config configs/shapes_clip.py --workdir runs/shapes_clip \
         --config.init.path=runs/shapes_vae
-    python main.py train --config configs/shapes_unet.py --workdir runs/shapes_unet \
+    python main.py train --config configs/shapes_unet.py --workdir runs/unet1 \
         --config.init.path=runs/shapes_clip --config.init.components='("vae","text_encoders")' \
-        --config.train.train_text_encoder=False
+        --config.train.train_text_encoder=False --config.train.steps=7000
+
+(The model shipped before it moved a jointly trained U-Net onto this encoder instead: this run with
+--config.init.path=out/shapes_model --config.init.components='("vae","unet")', then
+configs/shapes_unet.py:retext from it.)
 """
 
 from configs import common, shapes_unet

@@ -1,8 +1,16 @@
-"""Stage 2 of the bundled model: a text-conditioned U-Net (and CLIP-style text encoder) trained
-from scratch on the latents of the stage-1 VAE.
+"""Stage 3 of the bundled model: a text-conditioned U-Net trained on the latents of the stage-1 VAE
+(configs/shapes_vae.py), from scratch on the frozen stage-2 text encoder (configs/shapes_clip.py), then
+continued with `:retext`, each stage from the last one's export (README, Training, has the whole chain):
 
-    python main.py train --config configs/shapes_unet.py --workdir runs/shapes_unet \
-        --config.init.path=runs/shapes_vae
+    python main.py train --config configs/shapes_unet.py --workdir runs/unet1 \
+        --config.init.path=runs/shapes_clip --config.init.components='("vae","text_encoders")' \
+        --config.train.train_text_encoder=False --config.train.steps=7000
+    python main.py export runs/unet1 out/unet1 --raw
+    python main.py train --config configs/shapes_unet.py:retext --workdir runs/unet2 \
+        --config.init.path=out/unet1 --config.train.steps=7000
+
+Without those overrides it trains the text encoder jointly from scratch, as the model shipped before
+did: such an encoder reads a caption as a bag of objects (README, sessions 4-8).
 """
 
 from configs import common, shapes_vae
@@ -60,9 +68,9 @@ def get_config(arg=None):
         c.init.components = ("vae", "unet", "text_encoders")
         c.init.calibrate_scaling_factor = False  # the run's VAE carries its calibrated factor
         c.train.steps = 5000
-    if arg == "retext":  # a trained U-Net moved onto a contrastively pretrained text encoder, frozen
-        # --config.init.path: a configs/shapes_clip.py run that carried this U-Net along
-        # (--config.init.components='("vae","unet")' there). The text encoder trained jointly with the
+    if arg == "retext":  # a trained U-Net on a contrastively pretrained text encoder, kept frozen
+        # --config.init.path: an export of an earlier U-Net stage on that encoder (the bundled chain), or a
+        # configs/shapes_clip.py run that carried a U-Net along (--config.init.components='("vae","unet")'). The text encoder trained jointly with the
         # U-Net reads a caption as a bag of objects; the CLIP-pretrained one tells the layouts apart.
         c.init.path = "runs/shapes_clip"
         c.init.components = ("vae", "unet", "text_encoders")

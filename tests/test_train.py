@@ -136,13 +136,13 @@ def test_unknown_mode_is_named(tfds_dir, tmp_path):
 
 
 def test_unet_channels_follow_the_vae_and_a_mismatch_is_named(tfds_dir):
-    config = _config(shapes_unet, tfds_dir, **{"model.vae.latent_channels": 8})
+    config = _config(shapes_unet, tfds_dir, **{"model.vae.latent_channels": 6})
     configs, params, _ = loop.build_pipeline(config)
-    assert configs.unet["in_channels"] == configs.unet["out_channels"] == 8
-    assert params["unet"]["conv_out"]["kernel"].shape[-1] == 8
+    assert configs.unet["in_channels"] == configs.unet["out_channels"] == 6
+    assert params["unet"]["conv_out"]["kernel"].shape[-1] == 6
     config.model.unet.out_channels = 4  # set on its own, the U-Net's value no longer follows the VAE
-    assert config.model.vae.latent_channels == 8
-    with pytest.raises(ValueError, match="predicts 4 latent channels .* latents have 8"):
+    assert config.model.vae.latent_channels == 6
+    with pytest.raises(ValueError, match="predicts 4 latent channels .* latents have 6"):
         loop.build_pipeline(config)
 
 
