@@ -39,7 +39,7 @@ def test_cli_generate_without_model_writes_png(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_model_follows_prompts(bundled):
-    """A regression guard on a small sample, below what the shipped model measures on it (0.90 overall,
+    """A regression guard on a small sample, below what the shipped model measures on it (0.92 overall,
     1.0 single on these 48 captions; the README reports the full `main.py eval` numbers): a broken load
     or sampler scores ~0. The issue's target (0.95) is not met yet, and this test does not pretend it is."""
     scores, _, _ = prompt_adherence.evaluate(bundled, n=48, seed=123)
