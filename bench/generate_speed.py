@@ -14,6 +14,7 @@ import time
 import jax
 
 import jaxdiff
+from jaxdiff.sampling import schedules
 
 
 def median_seconds(run, repeats: int, label: str) -> float:
@@ -33,8 +34,11 @@ def diffusers_seconds(pipe, prompts, repeats: int) -> float | None:
     except ImportError:
         print("diffusers/torch not installed: no reference")
         return None
-    if pipe.defaults["sampler"] != "ddim":
-        print(f"reference only for the ddim sampler (the folder's scheduler class), not {pipe.defaults['sampler']}")
+    # diffusers samples with the folder's scheduler class: a like-for-like reference only where that is
+    # the default sampler's counterpart.
+    sampler, folder_class = pipe.defaults["sampler"], pipe.configs.scheduler.get("_class_name")
+    if schedules.COUNTERPARTS[sampler][0] != folder_class:
+        print(f"no reference: the folder's scheduler is {folder_class}, not the counterpart of {sampler}")
         return None
     ref = StableDiffusionPipeline.from_pretrained(pipe.path, safety_checker=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
