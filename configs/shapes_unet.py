@@ -69,9 +69,10 @@ def get_config(arg=None):
         c.init.calibrate_scaling_factor = False  # the run's VAE carries its calibrated factor
         c.train.steps = 5000
     if arg == "retext":  # a trained U-Net on a contrastively pretrained text encoder, kept frozen
-        # --config.init.path: an export of an earlier U-Net stage on that encoder (the bundled chain), or a
-        # configs/shapes_clip.py run that carried a U-Net along (--config.init.components='("vae","unet")'). The text encoder trained jointly with the
-        # U-Net reads a caption as a bag of objects; the CLIP-pretrained one tells the layouts apart.
+        # --config.init.path: an export of an earlier U-Net stage on that encoder (the bundled chain), or
+        # a configs/shapes_clip.py run that carried a U-Net along (--config.init.components='("vae","unet")'
+        # there). The text encoder trained jointly with the U-Net reads a caption as a bag of objects; the
+        # CLIP-pretrained one tells the layouts apart.
         c.init.path = "runs/shapes_clip"
         c.init.components = ("vae", "unet", "text_encoders")
         c.init.calibrate_scaling_factor = False  # the VAE keeps the factor the U-Net was trained with
