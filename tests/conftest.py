@@ -25,6 +25,16 @@ def pipeline_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """A TFDS data dir holding the shapes build "tiny" (both splits), built once per test session."""
+    from jaxdiff.train import data
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.tfds_source("shapes", "train", data_dir=path, config="tiny")
+    return path
+
+
+@pytest.fixture(scope="session")
 def jaxdiff_pipeline(pipeline_dir):
     """kind -> a `jaxdiff.Pipeline` loaded from the tiny folder (loaded once)."""
     import jaxdiff

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.test_parallel import free_port
-from tests.test_train import _config, tfds_dir  # noqa: F401  (the module-scoped TFDS fixture)
+from tests.test_train import _config
 
 
 def _run(config_overrides, tfds, workdir):

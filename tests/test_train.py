@@ -12,16 +12,6 @@ from configs import shapes_clip, shapes_unet, shapes_vae
 from jaxdiff.train import loop
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    """The `tiny` TFDS shapes config, built once into a temporary data dir."""
-    from jaxdiff.train import data
-
-    path = str(tmp_path_factory.mktemp("tfds"))
-    data.tfds_source("shapes", "train", data_dir=path, config="tiny")
-    return path
-
-
 def _config(module, tfds_dir, **overrides):
     config = module.get_config("tiny")
     config.data.data_dir = tfds_dir

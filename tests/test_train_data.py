@@ -195,14 +195,6 @@ def test_make_source(tmp_path):
 
 # --- TFDS ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tfds_tiny(tmp_path_factory):
-    """A data dir holding the TFDS shapes build "tiny"."""
-    path = str(tmp_path_factory.mktemp("tfds"))
-    data.tfds_source("shapes", "validation", path, "tiny")
-    return path
-
-
 def test_tfds_source_reads_the_generated_split(tmp_path):
     from jaxdiff.data import tfds_shapes
 
@@ -213,7 +205,7 @@ def test_tfds_source_reads_the_generated_split(tmp_path):
     assert len(source) == 32 and read == expected
 
 
-def test_generated_source_equals_the_tfds_build(tfds_tiny):
+def test_generated_source_equals_the_tfds_build(tfds_dir):
     """data.source="shapes" gives the examples of the TFDS build of the same name (in index order; TFDS
     stores them shuffled by a hash of the key)."""
     import ml_collections
@@ -222,7 +214,7 @@ def test_generated_source_equals_the_tfds_build(tfds_tiny):
                                         "resolution": 64})
     generated = data.make_source(config)
     built = data.make_source(ml_collections.ConfigDict(
-        dict(config.to_dict(), source="tfds", name="shapes", data_dir=tfds_tiny)))
+        dict(config.to_dict(), source="tfds", name="shapes", data_dir=tfds_dir)))
     assert len(generated) == len(built) == shapes.BUILDS["tiny"][2]
     assert generated.captions == [shapes.sample(i, "validation")[1] for i in range(len(generated))]
     assert sorted(zip(generated.captions, map(bytes, generated.arrays))) == sorted(

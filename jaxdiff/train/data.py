@@ -23,6 +23,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from jaxdiff.data import shapes
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -74,8 +76,6 @@ def generated_source(build: str = "res64", split: str = "train") -> ArraySource:
     same name holds the same examples (stored in another order, shuffled by TFDS), without TensorFlow or a
     data dir: for hosts where TensorFlow is not installed or not wanted (an accelerator host, a TPU pod).
     50k 64x64 examples take about 11 s on one core."""
-    from jaxdiff.data import shapes
-
     if build not in shapes.BUILDS:
         raise ValueError(f"unknown shapes build {build!r} (data.config); choose one of {sorted(shapes.BUILDS)}")
     resolution, *sizes = shapes.BUILDS[build]
@@ -205,20 +205,20 @@ def square_image(image: Image.Image, resolution: int) -> np.ndarray:
 def make_source(config):
     """The source that `config.data` names: "tfds" (name, split, data_dir, config), "shapes" (the shapes
     data set generated in memory: split, config) or "folder"."""
-    if config.source in ("tfds", "shapes"):
-        if config.source == "tfds":
-            # "" means TFDS's own default (~/tensorflow_datasets), not the working directory.
-            source = tfds_source(config.name, config.split, config.get("data_dir") or None,
-                                 config.get("config") or None)
-        else:
-            source = generated_source(config.get("config") or "res64", config.split)
-        if source[0][0].shape[0] != config.resolution:
-            raise ValueError(f"{config.source} images are {source[0][0].shape[:2]}, but data.resolution "
-                             f"is {config.resolution} (pick the build with data.config)")
-        return source
     if config.source == "folder":
         return CaptionFolderSource(config.folder, config.resolution, config.get("on_bad_image", "skip"))
-    raise ValueError(f"unknown data.source {config.source!r}: expected 'tfds', 'shapes' or 'folder'")
+    if config.source == "tfds":
+        # "" means TFDS's own default (~/tensorflow_datasets), not the working directory.
+        source = tfds_source(config.name, config.split, config.get("data_dir") or None,
+                             config.get("config") or None)
+    elif config.source == "shapes":
+        source = generated_source(config.get("config") or "res64", config.split)
+    else:
+        raise ValueError(f"unknown data.source {config.source!r}: expected 'tfds', 'shapes' or 'folder'")
+    if source[0][0].shape[0] != config.resolution:
+        raise ValueError(f"{config.source} images are {source[0][0].shape[:2]}, but data.resolution "
+                         f"is {config.resolution} (pick the build with data.config)")
+    return source
 
 
 # --- batches ------------------------------------------------------------------------------------------------
