@@ -16,9 +16,7 @@ def _generate_parser(sub):
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--negative-prompt", default=None, help="one negative prompt for every prompt")
     p.add_argument("--model", default=None, help="a diffusers pipeline folder (default: the bundled model)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale")
-    p.add_argument("--sampler", default=None)
+    _add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -42,10 +40,21 @@ def generate(args) -> int:
     pipe = jaxdiff.load(args.model, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
     images = pipe.generate(prompts, negative_prompts=args.negative_prompt, height=args.height,
                            width=args.width, steps=args.steps, guidance_scale=args.cfg,
-                           sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.batch)
+                           sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.batch,
+                           guidance_rescale=args.guidance_rescale)
     for path in save_pngs(images, args.out):
         print(path)
     return 0
+
+
+def _add_sampling_args(p):
+    """How to sample (each defaults to the model folder's setting)."""
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="0-1: pull the guided prediction back to the conditional one's std (0.7 for "
+                        "zero-terminal-SNR models; default: the model folder's, else 0)")
+    p.add_argument("--sampler", default=None)
 
 
 def _eval_parser(sub):
@@ -53,9 +62,7 @@ def _eval_parser(sub):
     p.add_argument("--model", default=None, help="a diffusers pipeline folder (default: the bundled model)")
     p.add_argument("--n", type=int, default=200, help="number of captions")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale")
-    p.add_argument("--sampler", default=None)
+    _add_sampling_args(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--save", default=None, help="also write the images and captions to this folder")
     p.add_argument("--relation-sensitivity", action="store_true",
@@ -75,18 +82,16 @@ def evaluate(args) -> int:
     from jaxdiff.images import save_pngs
 
     pipe = jaxdiff.load(args.model)
-    scores, captions, images = prompt_adherence.evaluate(
-        pipe, n=args.n, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
-        guidance_scale=args.cfg, sampler=args.sampler)
+    sampling = dict(n=args.n, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
+                    guidance_scale=args.cfg, sampler=args.sampler, guidance_rescale=args.guidance_rescale)
+    scores, captions, images = prompt_adherence.evaluate(pipe, **sampling)
     if args.save:
         save_pngs(images, args.save)
         with open(f"{args.save}/captions.txt", "w") as f:
             f.write("\n".join(captions) + "\n")
     print(prompt_adherence.format_scores(scores))
     if args.relation_sensitivity:
-        s = prompt_adherence.relation_sensitivity(
-            pipe, n=args.n, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
-            guidance_scale=args.cfg, sampler=args.sampler)
+        s = prompt_adherence.relation_sensitivity(pipe, **sampling)
         print(f"relation sensitivity: {s['changed']:.3f} of {s['n']} images change when the relation is "
               f"reversed (mean |difference| {s['mean_difference']:.4f})")
     if args.relation_loss_gap:

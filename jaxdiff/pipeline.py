@@ -53,7 +53,8 @@ SAMPLER_FOR_SCHEDULER = {
     "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpmpp_2m", "PNDMScheduler": "pndm",
 }
-JAXDIFF_DEFAULTS_FILE = "jaxdiff.json"  # optional: {"sampler", "steps", "guidance_scale"} of a folder
+# Optional in a folder: {"sampler", "steps", "guidance_scale"} and perhaps "guidance_rescale".
+JAXDIFF_DEFAULTS_FILE = "jaxdiff.json"
 # The default model shipped inside the package (trained on the shapes data set by configs/shapes_*.py).
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_model")
 
@@ -100,6 +101,7 @@ class GenerateInputs(NamedTuple):
     noise: jax.Array  # [B, h, w, C] unit variance
     schedule: schedules.Schedule
     guidance_scale: jax.Array
+    guidance_rescale: jax.Array  # 0 = plain classifier-free guidance
     time_ids: jax.Array | None
     key: jax.Array  # for stochastic samplers
 
@@ -127,11 +129,14 @@ def _concat(a: Conditioning, b: Conditioning) -> Conditioning:
 
 
 def guided_model(models: Models, unet_params, cond: Conditioning, uncond: Conditioning | None,
-                 guidance_scale):
+                 guidance_scale, guidance_rescale=0.0):
     """model_fn(x_in, t) -> eps or v, with classifier-free guidance when `uncond` is given.
 
     Guidance mixes the model outputs, as diffusers does; the uncond and cond halves go through the
-    U-Net as one batch of 2B.
+    U-Net as one batch of 2B. `guidance_rescale` (Lin et al. 2024, sec. 3.4; diffusers'
+    `rescale_noise_cfg`) blends the guided output with itself scaled back to the conditional output's
+    standard deviation per image: large guidance scales inflate it, which on zero-terminal-SNR
+    v-prediction models washes images out.
     """
     both = cond if uncond is None else _concat(uncond, cond)
 
@@ -143,15 +148,22 @@ def guided_model(models: Models, unet_params, cond: Conditioning, uncond: Condit
         if uncond is None:
             return out
         out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+        guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+        axes = tuple(range(1, guided.ndim))
+        rescaled = guided * (jnp.std(out_cond, axis=axes, keepdims=True)
+                             / jnp.std(guided, axis=axes, keepdims=True))
+        # where(), not the blend alone: at 0 a flat guided output (std 0) must not turn into NaN.
+        return jnp.where(guidance_rescale > 0,
+                         guidance_rescale * rescaled + (1 - guidance_rescale) * guided, guided)
 
     return model_fn
 
 
 def denoise(models: Models, unet_params, noise, cond: Conditioning, uncond: Conditioning | None,
-            guidance_scale, schedule: schedules.Schedule, sampler: str, key) -> jax.Array:
+            guidance_scale, schedule: schedules.Schedule, sampler: str, key,
+            guidance_rescale=0.0) -> jax.Array:
     """Unit noise [B, h, w, C] -> clean latents, by one `lax.scan` over the schedule."""
-    model_fn = guided_model(models, unet_params, cond, uncond, guidance_scale)
+    model_fn = guided_model(models, unet_params, cond, uncond, guidance_scale, guidance_rescale)
     denoise_fn = denoise_lib.denoiser(model_fn, models.prediction_type)
     return denoise_lib.sample(denoise_fn, noise, schedule, sampler, key)
 
@@ -199,7 +211,7 @@ def generate(models: Models, params, inputs: GenerateInputs, sampler: str, guida
         uncond = uncond._replace(context=uncond.context * keep,
                                  pooled=None if uncond.pooled is None else uncond.pooled * keep)
     latents = denoise(models, params["unet"], inputs.noise, cond, uncond, inputs.guidance_scale,
-                      inputs.schedule, sampler, inputs.key)
+                      inputs.schedule, sampler, inputs.key, inputs.guidance_rescale)
     return decode(models, params["vae"], latents)
 
 
@@ -228,7 +240,8 @@ class Pipeline:
 
     def prepare(self, prompts, negative_prompts=None, height=None, width=None, steps=None,
                 guidance_scale=None, sampler=None, seed=0, latents=None,
-                num_images_per_prompt: int = 1) -> tuple[GenerateInputs, str, bool]:
+                num_images_per_prompt: int = 1,
+                guidance_rescale=None) -> tuple[GenerateInputs, str, bool]:
         """Validates and tokenizes on the host: the arguments of `generate` for these settings."""
         prompts = text.as_prompt_list(prompts)
         if negative_prompts is None:
@@ -253,6 +266,11 @@ class Pipeline:
         if not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         guidance_scale = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        guidance_rescale = float(self.defaults.get("guidance_rescale", 0.0) if guidance_rescale is None
+                                 else guidance_rescale)
+        if not 0.0 <= guidance_rescale <= 1.0:  # also refuses NaN
+            raise ValueError(f"guidance_rescale must be in [0, 1] (0: off; 0.7 is the paper's value), "
+                             f"got {guidance_rescale!r}")
 
         f = self.models.vae_scale_factor
         c = self.models.latent_channels
@@ -290,6 +308,7 @@ class Pipeline:
             noise=noise,
             schedule=schedules.make_schedule(sampler, self.configs.scheduler, int(steps)),
             guidance_scale=jnp.float32(guidance_scale),
+            guidance_rescale=jnp.float32(guidance_rescale),
             time_ids=time_ids,
             key=jax.random.fold_in(jax.random.key(seed), 1),
         )
@@ -298,15 +317,17 @@ class Pipeline:
 
     def generate(self, prompts, negative_prompts=None, height=None, width=None, steps=None,
                  guidance_scale=None, sampler=None, seed=0, latents=None,
-                 num_images_per_prompt: int = 1) -> np.ndarray:
+                 num_images_per_prompt: int = 1, guidance_rescale=None) -> np.ndarray:
         """Images [B, H, W, 3] float32 in [0, 1] for `prompts` (a string or a list).
+
+        `guidance_rescale` in [0, 1] is diffusers' (see `guided_model`); None: the folder's default, or 0.
 
         `latents`, if given, is unit-variance NHWC noise [B, H/8, W/8, C]; otherwise image i of the
         batch draws its noise from `jax.random.split(jax.random.key(seed), B)[i]`.
         """
         inputs, sampler, guidance = self.prepare(
             prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
-            num_images_per_prompt)
+            num_images_per_prompt, guidance_rescale)
         n = inputs.noise.shape[0]
         # The pad repeats the last example; it is computed, then dropped.
         size = parallel.pad_batch(n, self.mesh)

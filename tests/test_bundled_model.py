@@ -57,6 +57,7 @@ def test_bundled_model_reads_relations(bundled):
 
 def test_eval_cli_prints_every_kind(pipeline_dir, capsys):
     rc = main.main(["eval", "--model", pipeline_dir("sd1"), "--n", "6", "--steps", "1",
+                    "--guidance-rescale", "0.7",
                     "--batch-size", "3", "--relation-sensitivity", "--relation-loss-gap", "--vae-roundtrip"])
     assert rc == 0
     out = capsys.readouterr().out

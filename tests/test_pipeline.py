@@ -54,6 +54,19 @@ def test_matches_diffusers(kind, sampler, pipeline_dir, jaxdiff_pipeline):
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+def test_guidance_rescale_matches_diffusers(kind, pipeline_dir, jaxdiff_pipeline):
+    path, pipe = pipeline_dir(kind), jaxdiff_pipeline(kind)
+    latents = _latents(len(PROMPTS), seed=4)
+    kw = dict(negative_prompts=NEGATIVES, steps=5, guidance_scale=9.0, sampler="euler", latents=latents)
+    ref = _diffusers_images(path, "euler", PROMPTS, NEGATIVES, latents, steps=5, guidance=9.0,
+                            guidance_rescale=0.7)
+    ours = pipe.generate(PROMPTS, guidance_rescale=0.7, **kw)
+    np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
+    # The rescale changes the images at all (else the check above would not test it).
+    assert np.abs(ours - pipe.generate(PROMPTS, **kw)).max() > 2e-2
+
+
 def test_sampler_swap_is_detected(jaxdiff_pipeline):
     """The fixtures are sensitive enough that using the wrong sampler fails the parity check."""
     pipe = jaxdiff_pipeline("sd1")
@@ -83,12 +96,13 @@ def test_empty_and_overlong_prompts_match_diffusers(pipeline_dir, jaxdiff_pipeli
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
 
 
-def test_no_recompile_for_new_prompt_seed_or_guidance(jaxdiff_pipeline):
+def test_no_recompile_for_new_prompt_seed_or_guidance_values(jaxdiff_pipeline):
     pipe = jaxdiff_pipeline("sd1")
     kw = dict(height=32, width=40, steps=2, sampler="euler")
     a = pipe.generate(["a red circle"], guidance_scale=3.0, seed=0, **kw)
     size = pipe._generate._cache_size()
-    b = pipe.generate(["a blue square"], negative_prompts="a cat", guidance_scale=9.0, seed=5, **kw)
+    b = pipe.generate(["a blue square"], negative_prompts="a cat", guidance_scale=9.0, seed=5,
+                      guidance_rescale=0.5, **kw)
     assert pipe._generate._cache_size() == size
     assert not np.allclose(a, b)
 
@@ -107,6 +121,7 @@ def test_seeded_noise_is_per_image_and_reproducible(jaxdiff_pipeline):
     (dict(height=50), "height must be a positive multiple of 8"),
     (dict(width=0), "width must be a positive multiple of 8"),
     (dict(steps=0), "steps must be a positive int"),
+    (dict(guidance_rescale=1.5), r"guidance_rescale must be in \[0, 1\]"),
     (dict(latents=np.zeros((1, 4, 4, 4), np.float32), height=64, width=64), r"latents have shape"),
     (dict(negative_prompts=["a", "b"]), "2 negative prompts for 1 prompts"),
 ])
@@ -189,6 +204,7 @@ def test_cli_generate_writes_pngs(pipeline_dir, tmp_path):
     out = tmp_path / "out"
     rc = main.main(["generate", "a red circle", "--model", pipeline_dir("sd1"), "--steps", "2",
                     "--height", "32", "--width", "48", "--batch", "2", "--sampler", "dpmpp_2m",
+                    "--guidance-rescale", "0.7",
                     "--out", str(out)])
     assert rc == 0
     files = sorted(os.listdir(out))
