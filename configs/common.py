@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.cache_latents = False
     c.train.kl_weight = 1e-6  # vae mode, against the reconstruction loss summed over each image (as SD)
     c.train.edge_weight = 0.0  # vae mode: weight of the L1 loss on image gradients (sharp edges)
+    c.train.redraw_strengths = ()  # vae mode: decode the frozen U-Net's img2img redraws (step.make_redraw)
 
     c.mesh = ml_collections.ConfigDict()  # devices of all hosts as a (data, fsdp) grid
     c.mesh.data = -1  # -1: all devices not used by fsdp

@@ -25,7 +25,7 @@ VAE = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_ch
 # is the colour itself, and reconstructions came back in one muddy average colour.
 
 
-VARIANTS = ('tiny', 'decoder')  # configs/NAME.py:VARIANT
+VARIANTS = ('tiny', 'decoder', 'redraw')  # configs/NAME.py:VARIANT
 
 
 def get_config(arg=None):
@@ -50,6 +50,20 @@ def get_config(arg=None):
         c.init.path, c.init.components = "runs/shapes_vae", ("vae",)
         c.train.frozen = ("vae/encoder", "vae/quant_conv")
         c.train.steps, c.train.learning_rate, c.train.lr_schedule = 1000, 2e-4, "constant"
+    if arg == "redraw":
+        # The last stage of the bundled model: its decoder fitted to its U-Net's latents (see
+        # train.step.make_redraw). The whole pipeline comes from --config.init.path (an exported
+        # model); only the decoder trains, so the latent space the U-Net works in stays bit-identical.
+        from configs import shapes_unet  # (it imports this module)
+
+        c.init.path = "jaxdiff/assets/shapes_model"
+        c.init.components = ("vae", "unet", "text_encoders")
+        c.model.scheduler = shapes_unet.get_config().model.scheduler.to_dict()
+        c.train.frozen = ("vae/encoder", "vae/quant_conv")
+        # 0: a fifth of the steps keep the encoder's own latents, so real latents still decode right.
+        c.train.redraw_strengths = (0.0, 0.15, 0.3, 0.45, 0.6)
+        c.train.steps, c.train.learning_rate, c.train.lr_schedule = 1000, 2e-4, "constant"
+        c.export.defaults = dict(sampler="dpmpp_2m", steps=30, guidance_scale=2.0)  # the shipped ones
     if arg == "tiny":
         c.model.vae = dict(VAE, block_out_channels=(8, 8, 16), norm_num_groups=4)
         c.data.config = "tiny"

@@ -170,12 +170,7 @@ def denoise(models: Models, unet_params, noise, cond: Conditioning, uncond: Cond
 
 def decode(models: Models, vae_params, latents) -> jax.Array:
     """Latents -> images [B, H, W, 3] in [0, 1]."""
-    latents = latents.astype(jnp.float32)
-    if models.latents_mean is not None:
-        latents = (latents * jnp.asarray(models.latents_std) / models.scaling_factor
-                   + jnp.asarray(models.latents_mean))
-    else:
-        latents = latents / models.scaling_factor + (models.shift_factor or 0.0)
+    latents = unscale_latents(models, latents.astype(jnp.float32))
     images = models.vae.apply({"params": vae_params}, latents, method="decode")
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -192,6 +187,14 @@ def scale_latents(models: Models, latents) -> jax.Array:
         return (latents - jnp.asarray(models.latents_mean)) * models.scaling_factor / jnp.asarray(
             models.latents_std)
     return (latents - (models.shift_factor or 0.0)) * models.scaling_factor
+
+
+def unscale_latents(models: Models, latents) -> jax.Array:
+    """The U-Net's scaled latents -> VAE latents (`scale_latents` undone)."""
+    if models.latents_mean is not None:
+        return latents * jnp.asarray(models.latents_std) / models.scaling_factor + jnp.asarray(
+            models.latents_mean)
+    return latents / models.scaling_factor + (models.shift_factor or 0.0)
 
 
 def encode_images(models: Models, vae_params, images, noise=None) -> jax.Array:

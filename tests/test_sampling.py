@@ -206,6 +206,46 @@ def test_sample_prediction_type_matches_diffusers():
         assert _max_err(_jaxdiff(sampler, config, 4), ref) <= 1e-4
 
 
+def _diffusers_img2img(sampler, config, steps, strength, init, noise):
+    """diffusers' img2img loop (StableDiffusionImg2ImgPipeline.get_timesteps and add_noise)."""
+    scheduler = reference.diffusers_scheduler(sampler, config)
+    scheduler.set_timesteps(steps)
+    start = steps - min(int(steps * strength), steps)
+    timesteps = scheduler.timesteps[start:]
+    if hasattr(type(scheduler), "set_begin_index"):  # (DDIM keeps no step index)
+        scheduler.set_begin_index(start)
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    x = scheduler.add_noise(nchw(init), nchw(noise), timesteps[:1])
+    with torch.no_grad():
+        for t in timesteps:
+            x = scheduler.step(torch_model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+def test_img2img_tail_matches_diffusers(sampler, strength):
+    """A schedule's img2img tail, started from latents noised to its first sigma, is diffusers'
+    img2img run (its first steps skipped, a multistep sampler's history empty at the start)."""
+    config = dict(TRAILING, rescale_betas_zero_snr=True)
+    init = np.tanh(NOISE[::-1]).copy()  # "image latents": anything but the noise
+    noise = NOISE
+    tail = schedules.img2img_tail(schedules.make_schedule(sampler, config, 10), strength)
+    assert tail.num_steps == int(10 * strength) and float(tail.init_noise_sigma) == 1.0
+    denoise_fn = denoise.denoiser(jax_model, "v_prediction")
+    ours = np.asarray(denoise.sample(denoise_fn, init + tail.sigmas[0] * noise, tail, sampler))
+    ref = _diffusers_img2img(sampler, config, 10, strength, init, noise)
+    assert _max_err(ours, ref) <= 1e-4, _max_err(ours, ref)
+    assert _max_err(ours, init) > 0.01  # it ran
+
+
+def test_img2img_tail_refuses_a_strength_with_no_steps():
+    sched = schedules.make_schedule("euler", SD15, 10)
+    for bad in (0.0, -0.5, 1.5, 0.05):
+        with pytest.raises(ValueError, match="strength"):
+            schedules.img2img_tail(sched, bad)
+
+
 @pytest.mark.parametrize("a, b", [("euler", "heun"), ("dpmpp_2m", "dpmpp_2m_karras"),
                                   ("euler", "euler_karras"), ("euler", "dpmpp_2m"), ("ddim", "heun"),
                                   ("ddim", "pndm")])

@@ -1,5 +1,6 @@
 """Training: a tiny config learns, resuming is bit-identical, bad config keys are named."""
 
+import json
 import os
 
 import jax
@@ -229,6 +230,63 @@ def test_frozen_subtrees_stay_put(tfds_dir):
     config.train.frozen = ("vae/encodr",)
     with pytest.raises(ValueError, match="vae/encodr"):
         step_lib.create_state(params, config, step_lib.make_optimizer(config))
+
+
+def test_redraw_fits_the_decoder_to_the_unets_latents(tfds_dir):
+    """`train.redraw_strengths`: the decoder learns from the frozen U-Net's img2img redraws of the
+    latents (strength 0: the latents as they are); encoder, U-Net and text encoder stay put."""
+    from jaxdiff import pipeline as P
+    from jaxdiff.train import data, step as step_lib
+
+    config = _config(shapes_vae, tfds_dir, **{"train.frozen": ("vae/encoder", "vae/quant_conv"),
+                                              "train.warmup_steps": 0})
+    configs, params, tokenizers = loop.build_pipeline(config)
+    models = P.build_models(configs)
+    batch = loop._batch_fn(config, data.make_source(config.data), tokenizers, models)(0)
+    keys = step_lib.example_keys(jax.random.key(0), len(batch["images"]))
+
+    def loss(strengths):
+        config.train.redraw_strengths = strengths
+        return np.asarray(step_lib.make_objective(models, config)(params, batch, keys)["loss"])
+
+    plain = loss(())
+    np.testing.assert_allclose(loss((0.0,)), plain, rtol=1e-5)  # unscale(scale(z)) is z up to rounding
+    redrawn = loss((0.5,))
+    assert np.all(np.isfinite(redrawn)) and np.abs(redrawn - plain).max() > 1e-3
+
+    optimizer = step_lib.make_optimizer(config)
+    state = step_lib.create_state(params, config, optimizer)
+    state, _ = jax.jit(step_lib.make_train_step(models, config, optimizer))(state, batch, jax.random.key(1))
+    after = state.pipeline_params(use_ema=False)
+    for name in ("unet", "text_encoders"):
+        for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(after[name])):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(params["vae"]["encoder"]), jax.tree.leaves(after["vae"]["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    moved = max(float(np.abs(np.asarray(a) - b).max()) for a, b in
+                zip(jax.tree.leaves(params["vae"]["decoder"]), jax.tree.leaves(after["vae"]["decoder"])))
+    assert moved > 1e-5
+
+    unet_config = _config(shapes_unet, tfds_dir, **{"train.redraw_strengths": (0.5,)})
+    with pytest.raises(ValueError, match="redraw_strengths is for mode 'vae'"):
+        step_lib.make_objective(models, unet_config)
+
+
+def test_redraw_config_redraws_as_the_bundled_model_samples():
+    """configs/shapes_vae.py:redraw trains the bundled decoder on the latents the bundled folder's
+    own sampler, steps, guidance and noise schedule produce."""
+    from jaxdiff import pipeline as P
+    from jaxdiff.sampling import schedules
+
+    config = shapes_vae.get_config("redraw")
+    bundled = P.read_configs(P.BUNDLED_MODEL)
+    with open(os.path.join(P.BUNDLED_MODEL, P.JAXDIFF_DEFAULTS_FILE)) as f:
+        defaults = json.load(f)
+    assert dict(config.export.defaults) == defaults
+    ours = schedules.make_schedule(defaults["sampler"], config.model.scheduler.to_dict(), defaults["steps"])
+    theirs = schedules.make_schedule(defaults["sampler"], bundled.scheduler, defaults["steps"])
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_clip_run_hands_its_text_encoder_to_the_unet_stage(tfds_dir, tmp_path):

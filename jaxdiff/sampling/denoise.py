@@ -62,6 +62,7 @@ def sample_with_noise(denoise_fn: Callable, noise, sched, sampler: str, step_noi
 
 
 def _loop(denoise_fn, x, sched, s: samplers.Sampler, draw, step_noise):
+    sched = jax.tree.map(jnp.asarray, sched)  # a NumPy schedule (not jit-traced) is indexed by a tracer
     x = x * sched.init_noise_sigma
 
     def body(carry, xs):

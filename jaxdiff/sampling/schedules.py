@@ -134,6 +134,21 @@ def make_schedule(sampler: str, scheduler_config: Mapping, num_steps: int) -> Sc
     return _BUILDERS[cls](cfg, int(num_steps))
 
 
+def img2img_tail(sched: Schedule, strength: float) -> Schedule:
+    """The last steps of `sched` that img2img runs at `strength` in (0, 1], as diffusers' img2img
+    pipelines pick them: the final int(strength * n) of the n steps. The caller noises the input to
+    the tail's first sigma (x = latents + sigmas[0] * noise, in sigma space), so its init_noise_sigma
+    is 1. A multistep sampler starts the tail with an empty history, as diffusers' does."""
+    n = sched.num_steps
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    if int(n * strength) < 1:
+        raise ValueError(f"strength {strength} of {n} steps leaves no step to run; raise either")
+    start = n - int(n * strength)
+    return sched._replace(sigmas=sched.sigmas[start:], timesteps=sched.timesteps[start:],
+                          sigmas_next=sched.sigmas_next[start:], init_noise_sigma=np.float32(1.0))
+
+
 def _counterpart(sampler: str) -> tuple[str, dict[str, Any]]:
     if sampler not in COUNTERPARTS:
         raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLER_NAMES)}")

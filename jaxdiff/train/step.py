@@ -35,6 +35,7 @@ import optax
 
 from jaxdiff import pipeline as P
 from jaxdiff.models.contrastive import ContrastiveHeads, contrastive_loss
+from jaxdiff.sampling import denoise as denoise_lib
 from jaxdiff.sampling import schedules
 
 # Which pipeline components each mode trains (the text encoders join by config).
@@ -190,9 +191,10 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, al
     return {"loss": loss}
 
 
-def vae_loss(models: P.Models, params: dict, batch: dict, keys, config):
+def vae_loss(models: P.Models, params: dict, batch: dict, keys, config, redraw=None):
     """Per example: L1 + L2 reconstruction of images in [-1, 1], `edge_weight` x L1 of their spatial
-    differences, and `kl_weight` x KL(q(z|x) || N(0, 1)).
+    differences, and `kl_weight` x KL(q(z|x) || N(0, 1)). With `redraw` (`make_redraw`) the decoder
+    reconstructs each image from the U-Net's redrawing of its latents instead of the latents.
 
     The edge term is there because L1/L2 alone are content to blur a sharp edge when the edge is a small
     part of the image: a small flat square comes back with rounded corners, i.e. as a circle.
@@ -201,6 +203,8 @@ def vae_loss(models: P.Models, params: dict, batch: dict, keys, config):
     mean, logvar = models.vae.apply({"params": params["vae"]}, images, method="encode")
     logvar = jnp.clip(logvar, -30.0, 20.0)
     z = mean + jnp.exp(0.5 * logvar) * _per_example(jax.random.normal, keys, mean.shape[1:])
+    if redraw is not None:
+        z = redraw(params, z, batch, jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
     recon = models.vae.apply({"params": params["vae"]}, z, method="decode").astype(jnp.float32)
     per_pixel = lambda x: jnp.mean(x, axis=(1, 2, 3))
     l1 = per_pixel(jnp.abs(recon - images))
@@ -212,6 +216,49 @@ def vae_loss(models: P.Models, params: dict, batch: dict, keys, config):
     # against the means, 1e-6 caps the latents near 1.5 nats each and the decoder blurs colours together.)
     loss = l1 + l2 + config.train.edge_weight * edge + config.train.kl_weight * kl / images[0].size
     return {"loss": loss, "l1": l1, "l2": l2, "edge": edge, "kl": kl}
+
+
+def make_redraw(models: P.Models, config) -> Callable | None:
+    """`redraw(params, latents, batch, keys) -> latents`, or None when `train.redraw_strengths` is empty.
+
+    Why: the U-Net's latents are not the encoder's. Redrawn from noise, and even from a real image's
+    latents at img2img strength 0.2 (t = 200), the bundled U-Net gives squares back with softened,
+    slightly turned edges that fill 0.86-0.9 of their box, where a circle fills 0.785; the decoder,
+    trained on the encoder's latents only, draws them as it gets them. Trained on the U-Net's own
+    redrawings of real images (img2img: noised to the tail of the sampling schedule, sampled back by
+    the frozen U-Net), it learns to draw what the latents were meant to be, the sharp original. Each
+    micro-batch takes one strength of `train.redraw_strengths` (0: the latents unchanged), drawn with
+    its first row's key; the sampler, steps and guidance are the exported folder's
+    (`export.defaults`), so the decoder learns the latents that sampling with them produces. Strengths
+    up to about 0.5 keep what the objects are (the layout is decided at higher noise).
+    """
+    strengths = tuple(float(s) for s in config.train.get("redraw_strengths", ()))  # (older runs lack it)
+    if not strengths:
+        return None
+    if config.mode != "vae":
+        raise ValueError(f"train.redraw_strengths is for mode 'vae', not {config.mode!r}")
+    defaults = config.export.defaults
+    full = schedules.make_schedule(defaults["sampler"], config.model.scheduler.to_dict(), defaults["steps"])
+    tails = [None if s == 0 else schedules.img2img_tail(full, s) for s in strengths]
+
+    def redraw(params, latents, batch, keys):
+        x = P.scale_latents(models, jax.lax.stop_gradient(latents))
+        noise = _per_example(jax.random.normal, keys, x.shape[1:])
+        cond = P.encode_prompt(models, params["text_encoders"], batch["ids"], batch.get("time_ids"))
+        uncond = P.encode_prompt(models, params["text_encoders"], batch["empty_ids"], batch.get("time_ids"))
+        model_fn = P.guided_model(models, params["unet"], cond, uncond, defaults["guidance_scale"])
+        denoise_fn = denoise_lib.denoiser(model_fn, models.prediction_type)
+
+        def branch(tail):
+            if tail is None:
+                return lambda x: x
+            return lambda x: denoise_lib.sample(denoise_fn, x + tail.sigmas[0] * noise, tail,
+                                                defaults["sampler"], keys[0])
+
+        which = jax.random.randint(keys[0], (), 0, len(tails))
+        return P.unscale_latents(models, jax.lax.stop_gradient(jax.lax.switch(which, [branch(t) for t in tails], x)))
+
+    return redraw
 
 
 def clip_loss(models: P.Models, heads: ContrastiveHeads, params: dict, batch: dict):
@@ -227,11 +274,12 @@ def clip_loss(models: P.Models, heads: ContrastiveHeads, params: dict, batch: di
 def make_objective(models: P.Models, config) -> Callable:
     """`objective(params, batch, keys) -> {"loss": [B], ...}`: the per-example loss of `config.mode`
     (`batch["weights"]` is 0 on padding rows)."""
+    redraw = make_redraw(models, config)  # (raises for a mode other than "vae")
     if config.mode == "unet":
         ac = jnp.asarray(schedules.alphas_cumprod(config.model.scheduler.to_dict()))
         return lambda p, b, k: diffusion_loss(models, p, b, k, config, ac)
     if config.mode == "vae":
-        return lambda p, b, k: vae_loss(models, p, b, k, config)
+        return lambda p, b, k: vae_loss(models, p, b, k, config, redraw)
     if config.mode == "clip":
         heads = ContrastiveHeads.from_config(config.model.contrastive)
         return lambda p, b, k: clip_loss(models, heads, p, b)
