@@ -71,15 +71,20 @@ def text_encoder_config(config: Mapping, model: clip.CLIPTextModel, tokenizer) -
 
 
 def scheduler_config(config: Mapping, defaults: Mapping | None) -> dict:
-    """The scheduler config with its diffusers class, taken from the default sampler if unnamed."""
+    """The scheduler config with the diffusers class of the default sampler (and the settings that
+    sampler fixes), so that diffusers, which samples with the folder's scheduler, draws what
+    jaxdiff's defaults draw; with no default sampler the config must name its class."""
     config = dict(config)
-    if "_class_name" not in config:
-        sampler = (defaults or {}).get("sampler")
+    sampler = (defaults or {}).get("sampler")
+    if sampler is not None:
         if sampler not in schedules.COUNTERPARTS:
-            raise ValueError("the scheduler config has no _class_name (e.g. 'DDIMScheduler') and no "
-                             "default sampler to take one from")
+            raise ValueError(f"unknown default sampler {sampler!r}; known samplers: "
+                             f"{', '.join(schedules.SAMPLER_NAMES)}")
         class_name, overrides = schedules.COUNTERPARTS[sampler]
         config = {**config, **overrides, "_class_name": class_name}
+    elif "_class_name" not in config:
+        raise ValueError("the scheduler config has no _class_name (e.g. 'DDIMScheduler') and no "
+                         "default sampler to take one from")
     return {"_diffusers_version": _version("diffusers"), **config}
 
 
