@@ -3,7 +3,8 @@
 #
 # The bundled shapes model from scratch, the chain of README "Training": the VAE, the CLIP text
 # encoder, three U-Net stages at batch 64, two at batch 256 and one at batch 128 with a lower learning
-# rate, each stage starting from the last one's export; then `main.py eval` on 1000 captions. The data
+# rate, each stage starting from the last one's export; the VAE's decoder fitted to that U-Net's
+# latents; then `main.py eval` on 1000 captions. The data
 # set is generated in memory (data.source=shapes: the examples of the TFDS build, no TensorFlow needed).
 #
 # Re-running it goes on where it stopped: a finished stage is skipped, an interrupted one
@@ -65,8 +66,11 @@ export_run unet5
 train unet6 2800 --config configs/shapes_unet.py:retext --config.init.path="$RUNS/unet5.out" \
   --config.train.batch_size=128 --config.train.learning_rate=2e-4 --config.train.warmup_steps=100
 export_run unet6 --sampler dpmpp_2m --steps 30 --cfg 2
+# the decoder, on the U-Net's img2img redraws of training images (everything else frozen)
+train decoder 1200 --config configs/shapes_vae.py:redraw --config.init.path="$RUNS/unet6.out"
+export_run decoder --sampler dpmpp_2m --steps 30 --cfg 2
 
 awk -F'\t' '{s += $3} END {printf "== the chain took %d s (%.1f min)\n", s, s / 60}' "$RUNS/times.tsv"
 if [[ $EVAL_N -gt 0 ]]; then
-  python main.py eval --model "$RUNS/unet6.out" --n "$EVAL_N" --seed 1
+  python main.py eval --model "$RUNS/decoder.out" --n "$EVAL_N" --seed 1
 fi
