@@ -232,6 +232,7 @@ def test_frozen_subtrees_stay_put(tfds_dir):
         step_lib.create_state(params, config, step_lib.make_optimizer(config))
 
 
+@pytest.mark.slow
 def test_redraw_fits_the_decoder_to_the_unets_latents(tfds_dir):
     """`train.redraw_strengths`: the decoder learns from the frozen U-Net's img2img redraws of the
     latents (strength 0: the latents as they are); encoder, U-Net and text encoder stay put."""
