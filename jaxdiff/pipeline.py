@@ -162,7 +162,8 @@ def guided_model(models: Models, unet_params, cond: Conditioning, uncond: Condit
 def denoise(models: Models, unet_params, noise, cond: Conditioning, uncond: Conditioning | None,
             guidance_scale, schedule: schedules.Schedule, sampler: str, key,
             guidance_rescale=0.0) -> jax.Array:
-    """Unit noise [B, h, w, C] -> clean latents, by one `lax.scan` over the schedule."""
+    """Unit noise [B, h, w, C] -> clean latents, by one `lax.scan` over the schedule. (With an
+    `schedules.img2img_tail` schedule, `noise` is latents noised to the tail's first sigma.)"""
     model_fn = guided_model(models, unet_params, cond, uncond, guidance_scale, guidance_rescale)
     denoise_fn = denoise_lib.denoiser(model_fn, models.prediction_type)
     return denoise_lib.sample(denoise_fn, noise, schedule, sampler, key)

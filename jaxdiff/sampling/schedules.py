@@ -113,7 +113,7 @@ SAMPLER_NAMES = tuple(COUNTERPARTS)
 
 def resolve_config(sampler: str, scheduler_config: Mapping) -> dict[str, Any]:
     """The config values the counterpart class of `sampler` would see after from_config(config)."""
-    cls, overrides = _counterpart(sampler)
+    cls, overrides = counterpart(sampler)
     given = dict(scheduler_config)
     for key in given.pop("_use_default_values", None) or ():
         given.pop(key, None)
@@ -125,7 +125,7 @@ def resolve_config(sampler: str, scheduler_config: Mapping) -> dict[str, Any]:
 
 def make_schedule(sampler: str, scheduler_config: Mapping, num_steps: int) -> Schedule:
     """The Schedule of `sampler` for `num_steps` steps, as its diffusers counterpart builds it."""
-    cls, _ = _counterpart(sampler)
+    cls, _ = counterpart(sampler)
     if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     cfg = resolve_config(sampler, scheduler_config)
@@ -149,7 +149,8 @@ def img2img_tail(sched: Schedule, strength: float) -> Schedule:
                           sigmas_next=sched.sigmas_next[start:], init_noise_sigma=np.float32(1.0))
 
 
-def _counterpart(sampler: str) -> tuple[str, dict[str, Any]]:
+def counterpart(sampler: str) -> tuple[str, dict[str, Any]]:
+    """(diffusers class name, config overrides) of `sampler`; ValueError naming the known ones."""
     if sampler not in COUNTERPARTS:
         raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLER_NAMES)}")
     return COUNTERPARTS[sampler]

@@ -35,7 +35,6 @@ import optax
 
 from jaxdiff import pipeline as P
 from jaxdiff.models.contrastive import ContrastiveHeads, contrastive_loss
-from jaxdiff.sampling import denoise as denoise_lib
 from jaxdiff.sampling import schedules
 
 # Which pipeline components each mode trains (the text encoders join by config).
@@ -242,21 +241,20 @@ def make_redraw(models: P.Models, config) -> Callable | None:
     tails = [None if s == 0 else schedules.img2img_tail(full, s) for s in strengths]
 
     def redraw(params, latents, batch, keys):
-        x = P.scale_latents(models, jax.lax.stop_gradient(latents))
+        x = P.scale_latents(models, latents)
         noise = _per_example(jax.random.normal, keys, x.shape[1:])
         cond = P.encode_prompt(models, params["text_encoders"], batch["ids"], batch.get("time_ids"))
         uncond = P.encode_prompt(models, params["text_encoders"], batch["empty_ids"], batch.get("time_ids"))
-        model_fn = P.guided_model(models, params["unet"], cond, uncond, defaults["guidance_scale"])
-        denoise_fn = denoise_lib.denoiser(model_fn, models.prediction_type)
 
         def branch(tail):
             if tail is None:
                 return lambda x: x
-            return lambda x: denoise_lib.sample(denoise_fn, x + tail.sigmas[0] * noise, tail,
-                                                defaults["sampler"], keys[0])
+            return lambda x: P.denoise(models, params["unet"], x + tail.sigmas[0] * noise, cond, uncond,
+                                       defaults["guidance_scale"], tail, defaults["sampler"], keys[0])
 
         which = jax.random.randint(keys[0], (), 0, len(tails))
-        return P.unscale_latents(models, jax.lax.stop_gradient(jax.lax.switch(which, [branch(t) for t in tails], x)))
+        redrawn = jax.lax.switch(which, [branch(t) for t in tails], x)
+        return P.unscale_latents(models, jax.lax.stop_gradient(redrawn))  # (no gradient through sampling)
 
     return redraw
 

@@ -77,10 +77,7 @@ def scheduler_config(config: Mapping, defaults: Mapping | None) -> dict:
     config = dict(config)
     sampler = (defaults or {}).get("sampler")
     if sampler is not None:
-        if sampler not in schedules.COUNTERPARTS:
-            raise ValueError(f"unknown default sampler {sampler!r}; known samplers: "
-                             f"{', '.join(schedules.SAMPLER_NAMES)}")
-        class_name, overrides = schedules.COUNTERPARTS[sampler]
+        class_name, overrides = schedules.counterpart(sampler)
         config = {**config, **overrides, "_class_name": class_name}
     elif "_class_name" not in config:
         raise ValueError("the scheduler config has no _class_name (e.g. 'DDIMScheduler') and no "
