@@ -62,9 +62,11 @@ def get_config(arg=None):
         c.train.frozen = ("vae/encoder", "vae/quant_conv")
         # 0: a fifth of the steps keep the encoder's own latents, so real latents still decode right.
         c.train.redraw_strengths = (0.0, 0.15, 0.3, 0.45, 0.6)
-        # The shipped decoder's 1200 steps (29 min on 2 CPU cores); 2400 scored the same (README).
+        # The shipped decoder's 1200 steps (29-37 min on 2 CPU cores); 2400 scored the same (README).
         c.train.steps, c.train.learning_rate, c.train.lr_schedule = 1200, 2e-4, "constant"
-        c.export.defaults = dict(sampler="dpmpp_2m", steps=30, guidance_scale=2.0)  # the shipped ones
+        # The shipped defaults, so the decoder learns the latents the shipped sampler draws. A stochastic
+        # sampler: its fresh noise each step undoes part of the U-Net's errors (README "Sampler").
+        c.export.defaults = dict(sampler="dpmpp_2m_sde", steps=30, guidance_scale=2.0)
     if arg == "tiny":
         c.model.vae = dict(VAE, block_out_channels=(8, 8, 16), norm_num_groups=4)
         c.data.config = "tiny"
