@@ -28,6 +28,7 @@ setup(
         "train": TRAIN,
         # diffusers and torch only check parity in the tests; torch is pinned (an unpinned one
         # pulls a multi-GB CUDA build).
-        "test": TRAIN + ["pytest>=8", "torch==2.13.0", "diffusers==0.42.1", "safetensors>=0.4"],
+        "test": TRAIN + ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers==0.42.1",
+                         "safetensors>=0.4"],
     },
 )

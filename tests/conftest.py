@@ -7,6 +7,12 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): with pytest-xdist (README: `-n 2`) the longest ones then
+    start at once on separate workers instead of one of them running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def pipeline_dir(tmp_path_factory):
     """kind ("sd1" | "sd2" | "sdxl") -> path of a tiny random-weight pipeline folder."""

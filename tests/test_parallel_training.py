@@ -43,37 +43,32 @@ CASES = {
 
 
 @pytest.mark.slow
-def test_meshes_equal_one_device(tfds_dir, tmp_path):
-    names = list(CASES)
+@pytest.mark.parametrize("name", CASES)
+def test_mesh_equals_one_device(name, tfds_dir, tmp_path):
+    """One case per test, so that pytest-xdist spreads the cases over its workers."""
+    reference = CASES[name][1]
     script = textwrap.dedent(f"""
         import jax, numpy as np
         from tests.test_parallel_training import CASES, OVERRIDES, _run
         assert jax.device_count() == 8
-        for i, name in enumerate({names!r}):
-            leaves = _run({{**OVERRIDES, **CASES[name][0]}}, {tfds_dir!r}, {str(tmp_path)!r} + f"/run_{{i}}")
-            np.savez({str(tmp_path)!r} + f"/params_{{i}}.npz", *leaves)
+        leaves = _run({{**OVERRIDES, **CASES[{name!r}][0]}}, {tfds_dir!r}, {str(tmp_path / "sharded")!r})
+        np.savez({str(tmp_path / "params.npz")!r}, *leaves)
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env,
                    cwd=os.path.dirname(os.path.dirname(__file__)))
-    singles = {}
-    for i, name in enumerate(names):
-        reference = CASES[name][1]
-        key = tuple(sorted(reference.items()))
-        if key not in singles:
-            singles[key] = _run({**OVERRIDES, **reference}, tfds_dir, str(tmp_path / f"single_{len(singles)}"))
-        single = singles[key]
-        sharded = np.load(tmp_path / f"params_{i}.npz")
-        sharded = [sharded[f"arr_{j}"] for j in range(len(single))]
-        diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(sharded, single)])
-        if reference.get("train.optimizer") == "adamw":
-            # Adam divides by sqrt(second moment): a gradient that is only float round-off (a true zero)
-            # has its sign, not its size, decide the update, so reduction order can flip a whole
-            # lr-sized step. Bound: 2 * lr per step for those entries; everything else as SGD.
-            assert diffs.max() <= 2 * ADAMW_LR * OVERRIDES["train.steps"], (name, diffs.max())
-            assert np.mean(diffs <= 1e-5) >= 0.999, (name, np.mean(diffs <= 1e-5))
-        else:
-            assert diffs.max() <= 1e-5, (name, diffs.max())
+    single = _run({**OVERRIDES, **reference}, tfds_dir, str(tmp_path / "single"))
+    loaded = np.load(tmp_path / "params.npz")
+    assert len(loaded.files) == len(single)
+    diffs = np.concatenate([np.abs(loaded[f"arr_{j}"] - b).ravel() for j, b in enumerate(single)])
+    if reference.get("train.optimizer") == "adamw":
+        # Adam divides by sqrt(second moment): a gradient that is only float round-off (a true zero)
+        # has its sign, not its size, decide the update, so reduction order can flip a whole
+        # lr-sized step. Bound: 2 * lr per step for those entries; everything else as SGD.
+        assert diffs.max() <= 2 * ADAMW_LR * OVERRIDES["train.steps"], (name, diffs.max())
+        assert np.mean(diffs <= 1e-5) >= 0.999, (name, np.mean(diffs <= 1e-5))
+    else:
+        assert diffs.max() <= 1e-5, (name, diffs.max())
 
 
 @pytest.mark.slow
