@@ -55,6 +55,7 @@ def test_bundled_model_reads_relations(bundled):
     assert flipped - written > 0.01, (written, flipped)
 
 
+@pytest.mark.slow
 def test_eval_cli_prints_every_kind(pipeline_dir, capsys):
     rc = main.main(["eval", "--model", pipeline_dir("sd1"), "--n", "6", "--steps", "1",
                     "--guidance-rescale", "0.7",
@@ -99,6 +100,7 @@ def test_relation_sensitivity_tells_a_relation_blind_model(reads_text, changed):
     assert (result["mean_difference"] == 0.0) == (not reads_text)
 
 
+@pytest.mark.slow
 def test_relation_loss_gap_is_zero_only_when_relations_cannot_be_told_apart(bundled):
     """With the opposite relations' token embeddings made equal the text encoder cannot tell the two
     captions apart, so the two losses are equal exactly; with the model's own embeddings they differ."""

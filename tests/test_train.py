@@ -44,6 +44,7 @@ def _eval_loss(config, params, tokenizers, models, steps=4):
     return total / steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [shapes_vae, shapes_unet, shapes_clip])
 def test_tiny_config_loss_falls(module, tfds_dir, tmp_path):
     from jaxdiff import pipeline as P
@@ -60,6 +61,7 @@ def test_tiny_config_loss_falls(module, tfds_dir, tmp_path):
     assert after < 0.9 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tfds_dir, tmp_path):
     config = _config(shapes_unet, tfds_dir, **{"train.steps": 6, "checkpoint.every": 2})
     straight = loop.train(config, str(tmp_path / "straight"))
@@ -94,6 +96,7 @@ def test_init_takes_the_scheduler_only_when_named(tfds_dir, pipeline_dir):
         loop.build_pipeline(config)
 
 
+@pytest.mark.slow
 def test_export_cli_writes_a_loadable_folder_with_its_defaults(tfds_dir, tmp_path, capsys):
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
     loop.train(_config(shapes_unet, tfds_dir, **{"train.steps": 2}), run)
@@ -143,6 +146,7 @@ def test_unet_channels_follow_the_vae_and_a_mismatch_is_named(tfds_dir):
 @pytest.mark.parametrize("module, cases", [(shapes_vae, [(8, 1), (6, 2), (6, 3), (8, 4)]),
                                            (shapes_unet, [(8, 1), (8, 4)]),
                                            (shapes_clip, [(8, 1), (12, 1)])])
+@pytest.mark.slow
 def test_padding_and_accumulation_change_nothing(module, cases, tfds_dir):
     """Weight-0 pad rows and micro-batching give the plain step's update (rows keep their randomness)."""
     from jaxdiff import pipeline as P
@@ -175,6 +179,7 @@ def test_padding_and_accumulation_change_nothing(module, cases, tfds_dir):
         assert loss == pytest.approx(plain_loss, rel=1e-5), (padded_rows, accum)
 
 
+@pytest.mark.slow
 def test_cached_latents_train_the_same(tfds_dir, tmp_path):
     """`train.cache_latents` encodes the data set once; the run it gives is the uncached run (the
     posterior is a function of the image, and each row keeps its own posterior noise)."""
@@ -290,6 +295,7 @@ def test_redraw_config_redraws_as_the_bundled_model_samples():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_clip_run_hands_its_text_encoder_to_the_unet_stage(tfds_dir, tmp_path):
     """The chain of the bundled model: a CLIP run carries the VAE along, and the U-Net stage takes the
     VAE and the pretrained text encoder (EMA) from it; the training-only heads stay behind."""
