@@ -68,7 +68,7 @@ train unet6 2800 --config configs/shapes_unet.py:retext --config.init.path="$RUN
 export_run unet6 --sampler dpmpp_2m_sde --steps 30 --cfg 2
 # the decoder, on the U-Net's img2img redraws of training images (everything else frozen)
 train decoder 1200 --config configs/shapes_vae.py:redraw --config.init.path="$RUNS/unet6.out"
-export_run decoder --sampler dpmpp_2m_sde --steps 30 --cfg 2
+export_run decoder  # with the defaults its redraws were drawn with (shapes_vae.py:redraw)
 
 awk -F'\t' '{s += $3} END {printf "== the chain took %d s (%.1f min)\n", s, s / 60}' "$RUNS/times.tsv"
 if [[ $EVAL_N -gt 0 ]]; then
