@@ -42,9 +42,24 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_device_params(tfds_dir, tmp_path_factory):
+    """reference overrides -> the parameters of that 1-device run, trained once per worker (the
+    8x1, 4x2 and 1x8 cases share one)."""
+    runs = {}
+
+    def get(reference):
+        key = tuple(sorted(reference.items()))
+        if key not in runs:
+            runs[key] = _run({**OVERRIDES, **reference}, tfds_dir, str(tmp_path_factory.mktemp("single")))
+        return runs[key]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
-def test_mesh_equals_one_device(name, tfds_dir, tmp_path):
+def test_mesh_equals_one_device(name, tfds_dir, tmp_path, one_device_params):
     """One case per test, so that pytest-xdist spreads the cases over its workers."""
     reference = CASES[name][1]
     script = textwrap.dedent(f"""
@@ -57,7 +72,7 @@ def test_mesh_equals_one_device(name, tfds_dir, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env,
                    cwd=os.path.dirname(os.path.dirname(__file__)))
-    single = _run({**OVERRIDES, **reference}, tfds_dir, str(tmp_path / "single"))
+    single = one_device_params(reference)
     loaded = np.load(tmp_path / "params.npz")
     assert len(loaded.files) == len(single)
     diffs = np.concatenate([np.abs(loaded[f"arr_{j}"] - b).ravel() for j, b in enumerate(single)])

@@ -143,10 +143,10 @@ def test_unet_channels_follow_the_vae_and_a_mismatch_is_named(tfds_dir):
 # (padded rows, micro-batches) against 6 rows in one step; the U-Net compiles slowly, so it gets two.
 # CLIP's negatives are the rest of the (micro-)batch, so micro-batching changes its loss by design;
 # padding must not (a pad row is nobody's negative).
+@pytest.mark.slow
 @pytest.mark.parametrize("module, cases", [(shapes_vae, [(8, 1), (6, 2), (6, 3), (8, 4)]),
                                            (shapes_unet, [(8, 1), (8, 4)]),
                                            (shapes_clip, [(8, 1), (12, 1)])])
-@pytest.mark.slow
 def test_padding_and_accumulation_change_nothing(module, cases, tfds_dir):
     """Weight-0 pad rows and micro-batching give the plain step's update (rows keep their randomness)."""
     from jaxdiff import pipeline as P
