@@ -247,3 +247,37 @@ def test_tokenize_is_thread_safe():
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: text.tokenize(tok, prompts[i % 2]), range(400)))
     assert all(r.shape == (8, 77) for r in results)
+
+
+def test_caption_ids_match_tokenize_and_tokenize_each_caption_once():
+    """The training pipeline's cached ids equal `tokenize`'s, from several threads, with the tokenizer
+    called only for captions it has not seen (and every time once the cache is full)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jaxdiff import text
+    from tests.tiny_pipelines import make_tokenizer
+
+    tok = make_tokenizer()
+    captions = ["a red circle", "a blue square to the left of a green triangle", "a green square"]
+    batches = [[captions[(i + j) % 3] for j in range(5)] for i in range(40)]
+    calls = []
+
+    class Counting:
+        model_max_length = tok.model_max_length
+
+        def __call__(self, prompts, **kw):
+            calls.append(list(prompts))
+            return tok(prompts, **kw)
+
+    cached = text.CaptionIds(Counting())
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(cached, batches))
+    for batch, ids in zip(batches, results):
+        np.testing.assert_array_equal(ids, text.tokenize(tok, batch))
+    # `tokenize` calls the tokenizer twice (padded, then unpadded for its truncation warning) per miss;
+    # two threads may miss the same caption at once, so at most 4 threads' worth of calls.
+    assert {c for call in calls for c in call} == set(captions)
+    assert len(calls) <= 2 * 4 * len(captions)
+    full = text.CaptionIds(tok, max_entries=2)
+    np.testing.assert_array_equal(full(captions), text.tokenize(tok, captions))
+    assert full._ids == {}  # three new captions do not fit in two entries: none kept

@@ -229,13 +229,14 @@ def _batch_fn(config, source, tokenizers, models, padded_batch_size=None):
     per_host = config.train.batch_size // jax.process_count()
     rows = (padded_batch_size or config.train.batch_size) // jax.process_count()
     empty = tuple(np.repeat(text.tokenize(t, [""]), per_host, axis=0) for t in tokenizers)
+    caption_ids = [text.CaptionIds(t) for t in tokenizers]
 
     def load(step):
         raw = data.batch_at(source, step, config.train.batch_size, config.seed,
                             jax.process_index(), jax.process_count(), flip=config.data.flip)
         field = getattr(source, "field", "images")
         batch = {field: raw[field],
-                 "ids": tuple(text.tokenize(t, raw["captions"]) for t in tokenizers),
+                 "ids": tuple(ids(raw["captions"]) for ids in caption_ids),
                  "empty_ids": empty,
                  "weights": np.ones(per_host, np.float32)}
         if models.family.micro_conditioning:
