@@ -173,9 +173,30 @@ def train(argv) -> int:
     return 0
 
 
+def keep_compiled_programs() -> None:
+    """Turn on jax's persistent compilation cache, in ~/.cache/jaxdiff/xla (XDG_CACHE_HOME is honoured).
+
+    Compiling is most of a short command's time: the second `generate` of the bundled model takes 10 s
+    instead of 16 on 2 cores, and a resumed or repeated training stage skips its train step's compile.
+    XLA refuses an entry compiled for another machine type and compiles afresh, so a home folder shared
+    by different machines is safe. JAX_COMPILATION_CACHE_DIR, when set, wins (jax reads it itself: a
+    shared folder for the hosts of a pod, or empty to turn caching off).
+    """
+    import os
+
+    import jax
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jaxdiff", "xla"))
+    jax.config.update("jax_compilation_cache_max_size", 1 << 30)  # least recently used entries go first
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
+    keep_compiled_programs()
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)

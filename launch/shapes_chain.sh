@@ -8,7 +8,8 @@
 # set is generated in memory (data.source=shapes: the examples of the TFDS build, no TensorFlow needed).
 #
 # Re-running it goes on where it stopped: a finished stage is skipped, an interrupted one
-# resumes from its newest checkpoint. Each stage's wall time goes to RUNS_DIR/times.tsv.
+# resumes from its newest checkpoint. Each stage's and export's wall time goes to RUNS_DIR/times.tsv
+# (name, steps, seconds; a fourth column `interrupted` for a stage stopped by a signal).
 #
 # Environment:
 #   STEPS_SCALE   multiplies every stage's step count (default 1; e.g. 0.002 for a smoke run)
@@ -37,15 +38,21 @@ train() {
   fi
   echo "== $name: $n steps"
   local t0=$SECONDS
+  # A stage stopped by a signal (a job's time limit: `timeout 540 launch/shapes_chain.sh ...`) still
+  # has its time counted: the re-run resumes it from its last checkpoint and adds its own row.
+  trap 'printf "%s\t%s\t%d\tinterrupted\n" "$name" "$n" $((SECONDS - t0)) | tee -a "$RUNS/times.tsv"; exit 143' TERM INT
   python main.py train "$@" --workdir "$RUNS/$name" --config.train.steps="$n" "${COMMON[@]}"
+  trap - TERM INT
   printf '%s\t%s\t%d\n' "$name" "$n" $((SECONDS - t0)) | tee -a "$RUNS/times.tsv"
   touch "$RUNS/$name.done"
 }
 
 # export NAME [main.py export flags...]: RUNS/NAME -> the diffusers folder RUNS/NAME.out
 export_run() {
-  local name=$1; shift
-  [[ -e $RUNS/$name.out/model_index.json ]] || python main.py export "$RUNS/$name" "$RUNS/$name.out" "$@"
+  local name=$1 t0=$SECONDS; shift
+  [[ -e $RUNS/$name.out/model_index.json ]] && return
+  python main.py export "$RUNS/$name" "$RUNS/$name.out" "$@"
+  printf '%s\t0\t%d\n' "$name.export" $((SECONDS - t0)) | tee -a "$RUNS/times.tsv"
 }
 
 train vae 3000 --config configs/shapes_vae.py

@@ -218,3 +218,31 @@ def test_cli_reports_bad_input_without_traceback(pipeline_dir, tmp_path, capsys)
     rc = main.main(["generate", "x", "--model", pipeline_dir("sd1"), "--height", "30", "--out", str(tmp_path)])
     assert rc == 2
     assert "height must be a positive multiple of 8" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_keeps_compiled_programs_between_runs(pipeline_dir, tmp_path):
+    """main.py caches what it compiles under XDG_CACHE_HOME/jaxdiff/xla, and the second run finds the
+    entries there (it writes no new ones); JAX_COMPILATION_CACHE_DIR="" turns the cache off."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    cache = tmp_path / "cache" / "jaxdiff" / "xla"
+
+    def generate(env):
+        cmd = [sys.executable, "main.py", "generate", "a red circle", "--model", pipeline_dir("sd1"),
+               "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "out")]
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+        # (an entry's "-atime" file beside it is rewritten on each use: least recently used go first)
+        return {p.name: p.stat().st_mtime_ns for p in cache.glob("*-cache")}
+
+    first = generate(env)
+    assert any(name.startswith("jit_generate") for name in first), first
+    assert generate(env) == first  # every program came from the cache: nothing rewritten or added
+    env["XDG_CACHE_HOME"] = str(tmp_path / "off")
+    env["JAX_COMPILATION_CACHE_DIR"] = ""
+    generate(env)
+    assert not (tmp_path / "off").exists()
