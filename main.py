@@ -178,9 +178,10 @@ def keep_compiled_programs() -> None:
 
     Compiling is most of a short command's time: the second `generate` of the bundled model takes 10 s
     instead of 16 on 2 cores, and a resumed or repeated training stage skips its train step's compile.
-    XLA refuses an entry compiled for another machine type and compiles afresh, so a home folder shared
-    by different machines is safe. JAX_COMPILATION_CACHE_DIR, when set, wins (jax reads it itself: a
-    shared folder for the hosts of a pod, or empty to turn caching off).
+    XLA:CPU checks an entry's target CPU features before it loads it and compiles afresh on a mismatch
+    (some Intel CPUs fail that check on every entry and log an error line for each: jax issue 38445).
+    JAX_COMPILATION_CACHE_DIR, when set, wins (jax reads it itself: a folder all hosts of a pod share,
+    or empty to turn the cache off).
     """
     import os
 
