@@ -41,7 +41,7 @@ train() {
   # A stage stopped by a signal (a job's time limit: `timeout 540 launch/shapes_chain.sh ...`) still
   # has its time counted: the re-run resumes it from its last checkpoint and adds its own row.
   trap 'printf "%s\t%s\t%d\tinterrupted\n" "$name" "$n" $((SECONDS - t0)) | tee -a "$RUNS/times.tsv"; exit 143' TERM INT
-  python main.py train "$@" --workdir "$RUNS/$name" --config.train.steps="$n" "${COMMON[@]}"
+  python3 main.py train "$@" --workdir "$RUNS/$name" --config.train.steps="$n" "${COMMON[@]}"
   trap - TERM INT
   printf '%s\t%s\t%d\n' "$name" "$n" $((SECONDS - t0)) | tee -a "$RUNS/times.tsv"
   touch "$RUNS/$name.done"
@@ -51,7 +51,7 @@ train() {
 export_run() {
   local name=$1 t0=$SECONDS; shift
   [[ -e $RUNS/$name.out/model_index.json ]] && return
-  python main.py export "$RUNS/$name" "$RUNS/$name.out" "$@"
+  python3 main.py export "$RUNS/$name" "$RUNS/$name.out" "$@"
   printf '%s\t0\t%d\n' "$name.export" $((SECONDS - t0)) | tee -a "$RUNS/times.tsv"
 }
 
@@ -79,5 +79,5 @@ export_run decoder  # with the defaults its redraws were drawn with (shapes_vae.
 
 awk -F'\t' '{s += $3} END {printf "== the chain took %d s (%.1f min)\n", s, s / 60}' "$RUNS/times.tsv"
 if [[ $EVAL_N -gt 0 ]]; then
-  python main.py eval --model "$RUNS/decoder.out" --n "$EVAL_N" --seed 1
+  python3 main.py eval --model "$RUNS/decoder.out" --n "$EVAL_N" --seed 1
 fi
