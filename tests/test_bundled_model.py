@@ -69,6 +69,17 @@ def test_eval_cli_prints_every_kind(pipeline_dir, capsys):
     assert "VAE round trip of 6 validation images" in out and out.count("n: 6") == 2
 
 
+@pytest.mark.parametrize("flags, message", [(["--n", "0"], "n must be a positive int, got 0"),
+                                            (["--batch-size", "0"], "batch_size must be a positive int, got 0")])
+def test_eval_cli_names_a_bad_count(flags, message, capsys):
+    assert main.main(["eval", *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    for check in (prompt_adherence.vae_roundtrip, prompt_adherence.relation_sensitivity,
+                  prompt_adherence.relation_loss_gap):
+        with pytest.raises(ValueError, match=message.split(",")[0]):
+            check(None, **{"n" if "--n" in flags else "batch_size": 0})
+
+
 def test_vae_roundtrip_scores_what_the_decoder_gives_back(bundled, pipeline_dir):
     """The bundled VAE gives back nearly every validation image the detector reads right; a random one
     gives back nothing it can read."""

@@ -19,8 +19,16 @@ def batch_seed(seed: int, start: int) -> int:
     return seed * 1_000_003 + start
 
 
+def check_counts(n, batch_size) -> None:
+    """A clear error for a count of images or a batch size that is not a positive int."""
+    for name, value in (("n", n), ("batch_size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def evaluate(pipe, n: int = 200, seed: int = 0, batch_size: int = 16, **generate_kwargs):
     """(scores, captions, images): one image per caption, scored as `detector.score` does."""
+    check_counts(n, batch_size)
     captions = held_out_captions(n, seed)
     images = np.concatenate([
         pipe.generate(captions[i:i + batch_size], seed=batch_seed(seed, i), **generate_kwargs)
@@ -39,6 +47,7 @@ def vae_roundtrip(pipe, n: int = 512, batch_size: int = 64) -> dict:
 
     from jaxdiff import pipeline as P
 
+    check_counts(n, batch_size)
     height, width = pipe.default_size()
     if height != width:
         raise ValueError(f"the shapes data set is square; the pipeline's default size is {height}x{width}")
@@ -60,6 +69,7 @@ def relation_sensitivity(pipe, n: int = 64, seed: int = 0, batch_size: int = 16,
     Returns {"changed": fraction of pairs whose mean |pixel difference| exceeds `threshold` (images in
     [0, 1]), "mean_difference": its mean over pairs, "n": pairs}.
     """
+    check_counts(n, batch_size)
     pairs = [(c, r) for c in held_out_captions(n, seed) if (r := shapes.reverse_relation(c))]
     captions, flipped = [c for c, _ in pairs], [r for _, r in pairs]
     if not captions:
@@ -93,8 +103,7 @@ def relation_loss_gap(pipe, n: int = 256, seed: int = 0, timesteps=(999, 950, 90
     from jaxdiff.sampling import schedules
     from jaxdiff.train import step
 
-    if n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_counts(n, batch_size)
     models, params = pipe.models, pipe.params
     size = pipe.default_size()[0]
     images, captions, flipped = [], [], []
