@@ -165,11 +165,16 @@ def train(argv) -> int:
         raise ValueError(f"no such config field: {' '.join(str(e).split())}") from None
     finally:
         sys.argv = saved_argv
-    if FLAGS.config is None or FLAGS.workdir is None:
+    config = FLAGS.config
+    try:
+        config is None or config.get("mode")
+    except OSError as e:  # a config file ml_collections could not load raises at first use
+        raise ValueError(f"cannot load --config: {' '.join(str(e).split())}") from None
+    if config is None or FLAGS.workdir is None:
         raise ValueError("train needs --config configs/NAME.py and --workdir DIR")
     parallel.initialize_distributed()  # multi-host: from the environment (TPU pods, SLURM, JAXDIFF_*)
     logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-    loop.train(FLAGS.config, FLAGS.workdir, until_step=FLAGS.until_step)
+    loop.train(config, FLAGS.workdir, until_step=FLAGS.until_step)
     return 0
 
 
@@ -215,7 +220,7 @@ def main(argv=None) -> int:
 def _report_errors(command, args) -> int:
     try:
         return command(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

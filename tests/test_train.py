@@ -108,6 +108,11 @@ def test_export_cli_writes_a_loadable_folder_with_its_defaults(tfds_dir, tmp_pat
     assert main.main(["export", run, str(tmp_path / "bad"), "--sampler", "eular"]) == 2
     assert "unknown sampler 'eular'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad")
+    before = sorted(os.listdir(out))
+    assert main.main(["export", run, out]) == 2  # a folder already written: kept, and the way out named
+    assert f"{out} is not empty; pass overwrite=True (main.py export --overwrite)" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before
+    assert main.main(["export", run, out, "--overwrite"]) == 0
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):
@@ -115,6 +120,14 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
                     "--config.train.stepz=3"])
     assert rc == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_named(tmp_path, capsys):
+    rc = main.main(["train", "--config", "configs/shapes_nope.py", "--workdir", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load --config") and "configs/shapes_nope.py" in err
+    assert "Traceback" not in err
 
 
 def test_unknown_config_variant_is_named(tmp_path, capsys):

@@ -156,7 +156,8 @@ def _check_target(path: str, overwrite: bool) -> None:
     if os.path.lexists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is not a folder")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} is not empty; pass overwrite=True (main.py export --overwrite) "
+                              "to replace it")
 
 
 def _sibling(path: str, tag: str) -> str:
