@@ -166,12 +166,12 @@ def train(argv) -> int:
     finally:
         sys.argv = saved_argv
     config = FLAGS.config
-    try:
-        config is None or config.get("mode")
-    except OSError as e:  # a config file ml_collections could not load raises at first use
-        raise ValueError(f"cannot load --config: {' '.join(str(e).split())}") from None
     if config is None or FLAGS.workdir is None:
         raise ValueError("train needs --config configs/NAME.py and --workdir DIR")
+    try:
+        config.get("mode")  # ml_collections raises a config file it could not load at first use
+    except OSError as e:
+        raise ValueError(f"cannot load --config: {' '.join(str(e).split())}") from None
     parallel.initialize_distributed()  # multi-host: from the environment (TPU pods, SLURM, JAXDIFF_*)
     logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     loop.train(config, FLAGS.workdir, until_step=FLAGS.until_step)
