@@ -223,7 +223,7 @@ def test_cli_reports_bad_input_without_traceback(pipeline_dir, tmp_path, capsys)
 @pytest.mark.slow
 def test_cli_keeps_compiled_programs_between_runs(pipeline_dir, tmp_path):
     """main.py caches what it compiles under XDG_CACHE_HOME/jaxdiff/xla, and the second run finds the
-    entries there (it writes no new ones); JAX_COMPILATION_CACHE_DIR="" turns the cache off."""
+    entries there (it rewrites none of them); JAX_COMPILATION_CACHE_DIR="" turns the cache off."""
     import subprocess
     import sys
 
@@ -241,7 +241,11 @@ def test_cli_keeps_compiled_programs_between_runs(pipeline_dir, tmp_path):
 
     first = generate(env)
     assert any(name.startswith("jit_generate") for name in first), first
-    assert generate(env) == first  # every program came from the cache: nothing rewritten or added
+    # Every program written by the first run came from the cache in the second: none was compiled and
+    # written again. (The second run may add entries: jax keeps only programs whose compile took over
+    # a second, and a small one can cross that line on a loaded machine.)
+    second = generate(env)
+    assert {name: second.get(name) for name in first} == first
     env["XDG_CACHE_HOME"] = str(tmp_path / "off")
     env["JAX_COMPILATION_CACHE_DIR"] = ""
     generate(env)
