@@ -27,39 +27,24 @@ OVERRIDES = {"train.steps": 3, "train.batch_size": 8, "train.optimizer": "sgd",
              "train.learning_rate": 0.05, "train.lr_schedule": "constant", "checkpoint.every": 3,
              "mesh.min_shard_size": 64}  # small enough that the tiny model's kernels really shard
 ADAMW_LR = 1e-3
-# name -> (overrides on 8 devices, overrides of the 1-device run it must equal)
+# name -> (overrides on 8 devices, overrides of the 1-device run it must equal). Each case is a whole
+# training run on 8 simulated devices (1-2 minutes on 2 cores), so each also stands for a plain mesh:
+# the (8,1) and (4,2) runs are the padded and the accumulating ones.
 CASES = {
-    "8x1": ({"mesh.data": 8}, {}),
-    "4x2": ({"mesh.data": 4, "mesh.fsdp": 2}, {}),
-    "1x8": ({"mesh.data": 1, "mesh.fsdp": 8}, {}),
-    # 6 rows padded to 8 with weight-0 rows.
+    # Data parallel, 6 rows padded to 8 with weight-0 rows.
     "8x1 batch 6": ({"mesh.data": 8, "train.batch_size": 6}, {"train.batch_size": 6}),
     # 2 micro-batches of 8 rows each over 4x2, against one 16-row step.
     "4x2 accumulate 2": ({"mesh.data": 4, "mesh.fsdp": 2, "train.batch_size": 16,
                           "train.grad_accum_steps": 2}, {"train.batch_size": 16}),
-    "4x2 adamw": ({"mesh.data": 4, "mesh.fsdp": 2, "train.optimizer": "adamw",
+    # Fully sharded parameters and AdamW moments.
+    "1x8 adamw": ({"mesh.data": 1, "mesh.fsdp": 8, "train.optimizer": "adamw",
                    "train.learning_rate": ADAMW_LR}, {"train.optimizer": "adamw", "train.learning_rate": ADAMW_LR}),
 }
 
 
-@pytest.fixture(scope="module")
-def one_device_params(tfds_dir, tmp_path_factory):
-    """reference overrides -> the parameters of that 1-device run, trained once per worker (the
-    8x1, 4x2 and 1x8 cases share one)."""
-    runs = {}
-
-    def get(reference):
-        key = tuple(sorted(reference.items()))
-        if key not in runs:
-            runs[key] = _run({**OVERRIDES, **reference}, tfds_dir, str(tmp_path_factory.mktemp("single")))
-        return runs[key]
-
-    return get
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
-def test_mesh_equals_one_device(name, tfds_dir, tmp_path, one_device_params):
+def test_mesh_equals_one_device(name, tfds_dir, tmp_path):
     """One case per test, so that pytest-xdist spreads the cases over its workers."""
     reference = CASES[name][1]
     script = textwrap.dedent(f"""
@@ -72,7 +57,7 @@ def test_mesh_equals_one_device(name, tfds_dir, tmp_path, one_device_params):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env,
                    cwd=os.path.dirname(os.path.dirname(__file__)))
-    single = one_device_params(reference)
+    single = _run({**OVERRIDES, **reference}, tfds_dir, str(tmp_path / "single"))
     loaded = np.load(tmp_path / "params.npz")
     assert len(loaded.files) == len(single)
     diffs = np.concatenate([np.abs(loaded[f"arr_{j}"] - b).ravel() for j, b in enumerate(single)])
