@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -188,8 +189,6 @@ def keep_compiled_programs() -> None:
     JAX_COMPILATION_CACHE_DIR, when set, wins (jax reads it itself: a folder all hosts of a pod share,
     or empty to turn the cache off).
     """
-    import os
-
     import jax
 
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:

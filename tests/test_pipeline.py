@@ -227,7 +227,8 @@ def test_cli_keeps_compiled_programs_between_runs(pipeline_dir, tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests.test_parallel import ROOT
+
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     cache = tmp_path / "cache" / "jaxdiff" / "xla"
@@ -235,7 +236,7 @@ def test_cli_keeps_compiled_programs_between_runs(pipeline_dir, tmp_path):
     def generate(env):
         cmd = [sys.executable, "main.py", "generate", "a red circle", "--model", pipeline_dir("sd1"),
                "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "out")]
-        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
         # entry -> when it was last used: jax writes that time into the entry's "-atime" file on each
         # write and each read (least recently used entries go first when the cache is full).
         return {p.name[:-len("-atime")]: int.from_bytes(p.read_bytes(), "little") for p in cache.glob("*-atime")}
