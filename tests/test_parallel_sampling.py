@@ -8,6 +8,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.test_parallel import ROOT
+
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a cat", "a photo"]  # odd: padded to 8
 
 
@@ -29,7 +31,7 @@ def test_eight_devices_equal_one(sampler, pipeline_dir, jaxdiff_pipeline, tmp_pa
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env,
-                   cwd=os.path.dirname(os.path.dirname(__file__)))
+                   cwd=ROOT)
     sharded = np.load(out)
     single = _generate(jaxdiff_pipeline("sd1"), sampler)
     assert sharded.shape == single.shape == (5, 32, 48, 3)

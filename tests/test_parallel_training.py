@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_parallel import free_port
+from tests.test_parallel import ROOT, free_port
 from tests.test_train import _config
 
 
@@ -56,7 +56,7 @@ def test_mesh_equals_one_device(name, tfds_dir, tmp_path):
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env,
-                   cwd=os.path.dirname(os.path.dirname(__file__)))
+                   cwd=ROOT)
     single = _run({**OVERRIDES, **reference}, tfds_dir, str(tmp_path / "single"))
     loaded = np.load(tmp_path / "params.npz")
     assert len(loaded.files) == len(single)
@@ -75,19 +75,18 @@ def test_mesh_equals_one_device(name, tfds_dir, tmp_path):
 def test_two_processes_train_and_restore_on_two_devices(tfds_dir, tmp_path):
     """launch/local_multiprocess.sh: 2 processes x 4 devices train together and checkpoint; one process
     with 2 devices restores that checkpoint with the parameters of the same run done by 1 process x 8."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     overrides = {**OVERRIDES, "train.steps": 4, "checkpoint.every": 2, "mesh.fsdp": 2,
                  "data.data_dir": tfds_dir}
     flags = ["--config", "configs/shapes_unet.py:tiny", *[f"--config.{k}={v}" for k, v in overrides.items()]]
-    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     two = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", *flags, "--workdir",
-                          str(tmp_path / "two_procs")], cwd=root, capture_output=True, text=True,
+                          str(tmp_path / "two_procs")], cwd=ROOT, capture_output=True, text=True,
                          env={**env, "PORT": str(free_port()), "DEVICES_PER_PROC": "4",
                               "LOGDIR": str(tmp_path / "logs")}, timeout=600)
     logs = "".join((tmp_path / "logs" / f"proc_{i}.log").read_text() for i in range(2))
     assert two.returncode == 0, two.stderr + logs
     one = subprocess.run([sys.executable, "main.py", "train", *flags, "--workdir", str(tmp_path / "one_proc")],
-                         cwd=root, capture_output=True, text=True, timeout=600,
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert one.returncode == 0, one.stderr
     script = textwrap.dedent(f"""
@@ -100,7 +99,7 @@ def test_two_processes_train_and_restore_on_two_devices(tfds_dir, tmp_path):
         print("devices", sorted({{len(x.sharding.device_set) for x in jax.tree.leaves(a.params)}}))
         print("worst", max(float(np.abs(x - y).max()) for x, y in leaves))
     """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert out.returncode == 0, out.stderr
     assert "devices [2]" in out.stdout, out.stdout
