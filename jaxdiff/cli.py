@@ -1,0 +1,481 @@
+"""jaxdiff command line: `jaxdiff {generate,eval,export,train} ...` (or `python main.py ...`).
+
+Thin on purpose: parse the arguments, hand over to the library. Each command imports what it uses,
+so importing this module adds nothing heavy (and never TensorFlow: only `train`'s data pipeline does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+
+import jaxdiff
+
+PROG = "jaxdiff"
+DESCRIPTION = "Stable Diffusion in JAX/Flax: generate images, score them, train and export models."
+OVERRIDE = "--config."  # --config.KEY=VALUE, --config.KEY VALUE (train)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default at the end of its help; an option whose default is None (or an empty
+    list) says in its own help what it falls back to ("(default: the model folder's)")."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" in help or action.default is None or action.default == [] \
+                or action.default is argparse.SUPPRESS:
+            return help
+        return super()._get_help_string(action)
+
+
+# -- generate --------------------------------------------------------------------------------------
+
+def _generate_parser(sub, common):
+    p = sub.add_parser("generate", parents=[common], formatter_class=_HelpFormatter,
+                       help="text to image: write PNGs", description="Text to image: write PNGs and print "
+                       "their paths.")
+    p.add_argument("prompt_args", nargs="*", metavar="PROMPT", help="prompt(s); or use --prompt")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt (repeatable; after the positional ones)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="one negative prompt for every prompt (default: none, the empty prompt)")
+    p.add_argument("--model", default=None, metavar="FOLDER",
+                   help="a diffusers pipeline folder (default: the bundled shapes model)")
+    _add_sampling_args(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels, a multiple of 8 (default: the model's sample size)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels, a multiple of 8 (default: the model's sample size)")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", default="out", metavar="DIR", help="output folder")
+    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 instead of float32")
+    return p
+
+
+def generate(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.images import save_pngs
+
+    prompts = list(args.prompt_args) + list(args.prompt)
+    if not prompts:
+        raise SystemExit("generate: give a prompt (positional or --prompt)")
+    logging.info("devices: %s", jax.devices())
+    pipe = jaxdiff.load(args.model, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+    images = pipe.generate(prompts, negative_prompts=args.negative_prompt, height=args.height,
+                           width=args.width, steps=args.steps, guidance_scale=args.cfg,
+                           sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.batch,
+                           guidance_rescale=args.guidance_rescale)
+    for path in save_pngs(images, args.out):
+        print(path)
+    return 0
+
+
+def _add_sampling_args(p):
+    """How to sample (each defaults to the model folder's setting)."""
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model folder's)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model folder's)")
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="0-1: pull the guided prediction back to the conditional one's std (0.7 for "
+                        "zero-terminal-SNR models; default: the model folder's, else 0)")
+    p.add_argument("--sampler", default=None,
+                   help="a sampler, e.g. ddim, euler_a, dpmpp_2m_karras (an unknown name lists them; "
+                        "default: the model folder's)")
+
+
+# -- eval ------------------------------------------------------------------------------------------
+
+def _eval_parser(sub, common):
+    p = sub.add_parser("eval", parents=[common], formatter_class=_HelpFormatter,
+                       help="prompt adherence on random shapes captions",
+                       description="Prompt adherence on random shapes captions: draw them and score "
+                       "the images with the shapes detector.")
+    p.add_argument("--model", default=None, metavar="FOLDER",
+                   help="a diffusers pipeline folder (default: the bundled shapes model)")
+    p.add_argument("--n", type=int, default=200, help="number of captions")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the captions and the noise")
+    _add_sampling_args(p)
+    p.add_argument("--batch-size", type=int, default=16, help="images drawn at once")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="also write the images and captions to this folder (default: not written)")
+    p.add_argument("--relation-sensitivity", action="store_true",
+                   help="also redraw each two-object caption with the opposite relation from the same "
+                        "noise, and print how often the image changes (0: the relation is not read)")
+    p.add_argument("--relation-loss-gap", action="store_true",
+                   help="also print the U-Net's loss on two-object validation images at high noise with "
+                        "each caption as written and with the opposite relation (equal: not read)")
+    p.add_argument("--vae-roundtrip", action="store_true",
+                   help="also score the VAE's reconstructions of N validation images: the ceiling the VAE "
+                        "puts on adherence")
+
+
+def evaluate(args) -> int:
+    from jaxdiff.eval import prompt_adherence
+    from jaxdiff.images import save_pngs
+
+    pipe = jaxdiff.load(args.model)
+    sampling = dict(n=args.n, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
+                    guidance_scale=args.cfg, sampler=args.sampler, guidance_rescale=args.guidance_rescale)
+    scores, captions, images = prompt_adherence.evaluate(pipe, **sampling)
+    if args.save:
+        save_pngs(images, args.save)
+        with open(f"{args.save}/captions.txt", "w") as f:
+            f.write("\n".join(captions) + "\n")
+    print(prompt_adherence.format_scores(scores))
+    if args.relation_sensitivity:
+        s = prompt_adherence.relation_sensitivity(pipe, **sampling)
+        print(f"relation sensitivity: {s['changed']:.3f} of {s['n']} images change when the relation is "
+              f"reversed (mean |difference| {s['mean_difference']:.4f})")
+    if args.relation_loss_gap:
+        print("U-Net loss on two-object validation images, as written / with the opposite relation:")
+        for t, (written, flipped) in prompt_adherence.relation_loss_gap(pipe, seed=args.seed).items():
+            print(f"  t={t}: {written:.4f} / {flipped:.4f} (gap {flipped - written:+.4f})")
+    if args.vae_roundtrip:
+        print(f"VAE round trip of {args.n} validation images (what the decoder can draw at best):")
+        print(prompt_adherence.format_scores(prompt_adherence.vae_roundtrip(pipe, n=args.n,
+                                                                            batch_size=args.batch_size)))
+    return 0
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+def _export_parser(sub, common):
+    p = sub.add_parser("export", parents=[common], formatter_class=_HelpFormatter,
+                       help="write a training run's newest checkpoint as a diffusers folder",
+                       description="Write a training run's newest checkpoint as a diffusers folder "
+                       "(EMA weights unless --raw).")
+    p.add_argument("ckpt_dir", help="the run directory (--workdir of train)")
+    p.add_argument("out_dir", help="the diffusers folder to write")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--vae-decoder", default=None, metavar="RUN",
+                   help="take the VAE from this run: a decoder-only fine-tune of the VAE the run was "
+                        "trained on (configs/shapes_vae.py:decoder); its encoder must be the same "
+                        "(default: the run's own VAE)")
+    p.add_argument("--sampler", default=None, help="the folder's default sampler (default: the run config's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="the folder's default step count (default: the run config's)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="the folder's default guidance scale (default: the run config's)")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT_DIR holds")
+
+
+def export(args) -> int:
+    from jaxdiff.train import loop
+    from jaxdiff.weights import export as export_lib
+
+    pipe = loop.restore_pipeline(args.ckpt_dir, use_ema=not args.raw)
+    if args.vae_decoder:
+        pipe = loop.with_vae_decoder(pipe, loop.restore_pipeline(args.vae_decoder))
+    overrides = {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg}
+    pipe.defaults.update({k: v for k, v in overrides.items() if v is not None})
+    pipe.prepare("", steps=pipe.defaults["steps"], sampler=pipe.defaults["sampler"])  # names a bad value
+    print(export_lib.save(pipe, args.out_dir, overwrite=args.overwrite))
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+def _train_parser(sub, common):
+    p = sub.add_parser(
+        "train", parents=[common], formatter_class=_HelpFormatter,
+        help="train from a config (--config, --workdir, --config.KEY=VALUE)",
+        description="Train from a config file; an existing run directory resumes from its newest checkpoint.",
+        epilog="Override any config field with --config.KEY=VALUE or --config.KEY VALUE, KEY dotted "
+               "(--config.train.steps=100, --config.init.components='(\"vae\",\"text_encoders\")'): the "
+               "value is read as the field's type (int, float, bool, str, tuple; others as a Python "
+               "literal) and a key the config lacks is an error.")
+    p.add_argument("--config", default=None, metavar="FILE[:ARG]",
+                   help="the config file, configs/NAME.py or configs/NAME.py:VARIANT (required)")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="the run directory; an existing run resumes from its newest checkpoint (required)")
+    p.add_argument("--until-step", "--until_step", dest="until_step", type=int, default=None, metavar="N",
+                   help="stop after this step (and its checkpoint) instead of at config.train.steps; the "
+                        "learning-rate schedule still spans train.steps (default: config.train.steps)")
+    return p
+
+
+def train(args) -> int:
+    if args.config is None or args.workdir is None:
+        raise ValueError("train needs --config configs/NAME.py and --workdir DIR")
+    config = load_config(args.config)
+    override_config(config, args.config_overrides)
+    config.lock()
+
+    import jax
+
+    from jaxdiff import parallel
+    from jaxdiff.train import loop
+
+    parallel.initialize_distributed()  # multi-host: from the environment (TPU pods, SLURM, JAXDIFF_*)
+    logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+    loop.train(config, args.workdir, until_step=args.until_step)
+    return 0
+
+
+def load_config(spec: str):
+    """`configs/NAME.py[:ARG]` -> the file's `get_config(ARG)`, or `get_config()` without `:ARG`.
+
+    A file in a package folder (configs/ has an __init__.py) is loaded as that package's module, with
+    the package's parent folder on sys.path: its `from configs import common` then works from any
+    working directory, the installed `jaxdiff` command's too.
+    """
+    import ml_collections
+
+    path, colon, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot load --config {spec}: no such file")
+    folder, name = os.path.split(os.path.abspath(path))
+    names = [os.path.splitext(name)[0]]
+    while os.path.isfile(os.path.join(folder, "__init__.py")):
+        folder, package = os.path.split(folder)
+        names.insert(0, package)
+    if len(names) > 1 and folder not in sys.path:
+        sys.path.insert(0, folder)
+    module_spec = importlib.util.spec_from_file_location(".".join(names), path)
+    if module_spec is None:
+        raise ValueError(f"cannot load --config {spec}: not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ValueError(f"cannot load --config {spec}: {path} has no get_config()")
+    if colon and not inspect.signature(get_config).parameters:
+        raise ValueError(f"--config {spec}: get_config() of {path} takes no argument; drop ':{arg}'")
+    try:
+        config = get_config(arg) if colon else get_config()
+    except ValueError as e:  # a config's own check (an unknown variant): one line
+        raise ValueError(f"--config {spec}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"--config {spec}: get_config() returned a {type(config).__name__}, "
+                         "not an ml_collections.ConfigDict")
+    return config
+
+
+def split_overrides(argv):
+    """argv -> (the rest, [(KEY, VALUE), ...]): each `--config.KEY=VALUE` or `--config.KEY VALUE` taken
+    out, in order. VALUE is None for a `--config.KEY` with no value (followed by an option or nothing),
+    which a bool field reads as True."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        if arg.startswith(OVERRIDE):
+            key, eq, value = arg[len(OVERRIDE):].partition("=")
+            if not eq:
+                value = None
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    i += 1
+                    value = argv[i]
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def override_config(config, overrides) -> None:
+    """Sets each (KEY, VALUE) of `overrides` (strings, as on the command line) on `config`, as
+    ml_collections' config_flags does: VALUE is read as the type of the field it replaces
+
+    - int, float: as absl reads them (an int may be 0x.., 0o.., 0b..);
+    - bool: true/false, t/f, 1/0 (any case), or no value at all for True;
+    - str: as given, never evaluated;
+    - tuple: a Python literal ('("vae","text_encoders")', '(64,128,256)'); a single element alone is
+      a 1-tuple; a KEY given more than once adds its elements up;
+    - a group of fields: a dict literal, which replaces the whole group;
+    - anything else (a None field): a Python literal, else the string as given.
+
+    A KEY the config lacks is a ValueError naming it (and the nearest field there is); so is a value
+    its field's type cannot read. A later override of a group must not undo an earlier one inside it.
+    """
+    keys = [key for key, _ in overrides]
+    for i, inner in enumerate(keys):
+        for outer in keys[i + 1:]:
+            if inner.startswith(outer + "."):
+                raise ValueError(f"--config.{outer} comes after --config.{inner} and would replace it; "
+                                 f"give --config.{outer} first")
+    tuples = {}
+    for key, text in overrides:
+        holder, field = _config_field(config, key)
+        kind = holder.get_type(field)
+        value = _parse_value(key, kind, text)
+        if kind is tuple:  # --config.KEY a --config.KEY b: ("a", "b")
+            value = tuples[key] = tuples.get(key, ()) + value
+        try:
+            holder[field] = value
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"--config.{key}={text}: {' '.join(str(e).split())}") from None
+
+
+def _config_field(config, key):
+    """--config.a.b.c -> (config.a.b, "c"), or a ValueError naming the part of KEY that is missing."""
+    import ml_collections
+
+    *parents, field = key.split(".")
+    if not key or not all(parents) or not field:
+        raise ValueError(f"bad config key --config.{key}")
+    holder, path = config, "config"
+    for depth, name in enumerate(parents + [field]):
+        if not isinstance(holder, ml_collections.ConfigDict):
+            raise ValueError(f"no such config field: --config.{key} ({path} is {holder!r}, not a group "
+                             "of fields)")
+        if name not in holder:
+            near = difflib.get_close_matches(name, list(holder.keys()), n=1)
+            hint = f"; did you mean --{path}.{near[0]}?" if near else f"; {path} has: {', '.join(holder.keys())}"
+            raise ValueError(f"no such config field: --config.{key} ({path} has no {name!r}{hint})")
+        if depth < len(parents):
+            holder, path = holder[name], f"{path}.{name}"
+    return holder, field
+
+
+_TRUE, _FALSE = ("true", "t", "1"), ("false", "f", "0")
+
+
+def _parse_value(key, kind, text):
+    """The command-line string `text` as a value of type `kind` (see override_config)."""
+    import ml_collections
+
+    if text is None:
+        if kind is bool:
+            return True
+        raise ValueError(f"--config.{key} needs a value: --config.{key}=VALUE")
+    try:
+        if kind is bool:
+            if text.strip().lower() in _TRUE + _FALSE:
+                return text.strip().lower() in _TRUE
+            raise ValueError
+        if kind is int:
+            digits = text.strip().lower().lstrip("+-")
+            return int(text, 0) if digits[:2] in ("0x", "0o", "0b") else int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        if kind is tuple:
+            return _parse_tuple(text)
+        if isinstance(kind, type) and issubclass(kind, ml_collections.ConfigDict):
+            value = ast.literal_eval(text)
+            if not isinstance(value, dict):
+                raise ValueError
+            return ml_collections.ConfigDict(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        what = {bool: "a bool (true or false)", int: "an int", float: "a float",
+                tuple: "a tuple, e.g. '(\"a\",\"b\")'"}.get(kind, "a dict literal")
+        raise ValueError(f"--config.{key}={text}: not {what}") from None
+    return _parse_literal(text)
+
+
+def _parse_tuple(text):
+    """ml_collections' TupleParser: a literal, made a tuple; a bare word is a 1-tuple of itself."""
+    try:
+        value = ast.literal_eval(text)
+    except ValueError:  # a name: --config.KEY vae
+        value = text
+    except SyntaxError:  # a path or pattern (not a tuple if it has no comma or space)
+        if "," in text or " " in text:
+            raise
+        value = text
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, (list, set, frozenset, dict)):
+        return tuple(value)
+    return (value,)
+
+
+def _parse_literal(text):
+    """A Python literal (true/false as True/False), else the string as given."""
+    if text in ("true", "false"):
+        text = text.capitalize()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+def keep_compiled_programs() -> None:
+    """Turn on jax's persistent compilation cache, in ~/.cache/jaxdiff/xla (XDG_CACHE_HOME is honoured).
+
+    Compiling is most of a short command's time: the second `generate` of the bundled model takes 10 s
+    instead of 16 on 2 cores, and a resumed or repeated training stage skips its train step's compile.
+    XLA:CPU checks an entry's target CPU features before it loads it and compiles afresh on a mismatch
+    (some Intel CPUs fail that check on every entry and log an error line for each: jax issue 38445).
+    JAX_COMPILATION_CACHE_DIR, when set, wins (jax reads it itself: a folder all hosts of a pod share,
+    or empty to turn the cache off).
+    """
+    import jax
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jaxdiff", "xla"))
+    jax.config.update("jax_compilation_cache_max_size", 1 << 30)  # least recently used entries go first
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `jaxdiff` parser and its subcommands' parsers, by name."""
+    verbose_help = "log at INFO: the devices, jax's backends, library notices (default: warnings only)"
+    common = argparse.ArgumentParser(add_help=False)  # --verbose after the subcommand as well
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {jaxdiff.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help=verbose_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,eval,export,train}")
+    commands = {"generate": _generate_parser(sub, common), "eval": _eval_parser(sub, common),
+                "export": _export_parser(sub, common), "train": _train_parser(sub, common)}
+    return parser, commands
+
+
+def _quiet_start(verbose: bool, command: str) -> None:
+    """Logging as the command wants it. Without --verbose: warnings only (train: also its own progress
+    lines, resumed from step N...), and none of the libraries' start-up notices (jax's "Unable to
+    initialize backend 'tpu'", transformers' "PyTorch was not found", TensorFlow's C++ INFO lines)."""
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # read when TensorFlow is imported
+        logging.getLogger("jax").setLevel(logging.WARNING)
+    level = logging.INFO if verbose or command == "train" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, overrides = split_overrides(argv)
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    if overrides and args.command != "train":
+        commands[args.command].error("unrecognized arguments: "
+                                     + " ".join(f"{OVERRIDE}{k}" for k, _ in overrides)
+                                     + " (config overrides are for train)")
+    args.config_overrides = overrides
+    _quiet_start(args.verbose, args.command)
+    keep_compiled_programs()
+    command = {"generate": generate, "eval": evaluate, "export": export, "train": train}[args.command]
+    return _report_errors(command, args)
+
+
+def _report_errors(command, args) -> int:
+    try:
+        return command(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
