@@ -42,7 +42,7 @@ def _generate_parser(sub, common):
                        "their paths.")
     p.add_argument("prompt_args", nargs="*", metavar="PROMPT", help="prompt(s); or use --prompt")
     p.add_argument("--prompt", action="append", default=[],
-                   help="a prompt (repeatable; after the positional ones)")
+                   help="a prompt (repeatable, after the positional ones; default: none)")
     p.add_argument("--negative-prompt", default=None,
                    help="one negative prompt for every prompt (default: none, the empty prompt)")
     p.add_argument("--model", default=None, metavar="FOLDER",
