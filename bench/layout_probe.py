@@ -35,7 +35,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # for configs/
 from configs import shapes_unet  # noqa: E402
-from jaxdiff import pipeline as P  # noqa: E402
+from jaxdiff import components, sample  # noqa: E402
 from jaxdiff import text  # noqa: E402
 from jaxdiff.data import shapes  # noqa: E402
 from jaxdiff.models.unet import CONFIG_FIELDS  # noqa: E402
@@ -106,7 +106,7 @@ def main():
     if args.text:
         config.init.path, config.init.components = args.text, ("text_encoders",)
     configs, params, tokenizers = loop.build_pipeline(config)
-    models = P.build_models(configs)
+    models = components.build_models(configs)
     latent_shape = (*models.sample_size, models.latent_channels)
     t_last = float(configs.scheduler["num_train_timesteps"] - 1)
     codes = np.random.default_rng(args.seed + 1).normal(size=(len(shapes.COLOURS), latent_shape[-1]))
@@ -125,9 +125,9 @@ def main():
 
     def loss_fn(p, ids, noise, target):
         p = {**fixed, **p}
-        cond = P.encode_prompt(models, p["text_encoders"], ids)
+        cond = sample.encode_prompt(models, p["text_encoders"], ids)
         t = jnp.full((noise.shape[0],), t_last, jnp.float32)
-        return jnp.mean((P.apply_unet(models, p["unet"], noise, t, cond) - target) ** 2)
+        return jnp.mean((sample.apply_unet(models, p["unet"], noise, t, cond) - target) ** 2)
 
     # The training recipe's optimizer (AdamW, global-norm clipping) at a constant rate after warm-up.
     config.train.learning_rate, config.train.lr_schedule, config.train.warmup_steps = args.lr, "constant", 50

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff
-from jaxdiff import pipeline as P
+from jaxdiff import sample
 from jaxdiff.data import shapes
 from jaxdiff.eval import prompt_adherence
 
@@ -56,7 +56,7 @@ def mean_clean_estimate(pipe, caption: str, shape: tuple, draws: int) -> np.ndar
 
     models, params = pipe.models, pipe.params
     ids = tuple(jnp.asarray(text.tokenize(tok, [caption] * 64)) for tok in pipe.tokenizers)
-    cond = P.encode_prompt(models, params["text_encoders"], ids)
+    cond = sample.encode_prompt(models, params["text_encoders"], ids)
     alphas_cumprod = schedules.alphas_cumprod(pipe.configs.scheduler)
     ac = jnp.float32(alphas_cumprod[-1])
     t = jnp.full((64,), len(alphas_cumprod) - 1, jnp.float32)
@@ -64,9 +64,9 @@ def mean_clean_estimate(pipe, caption: str, shape: tuple, draws: int) -> np.ndar
     @jax.jit
     def x0(key):
         noisy = jax.random.normal(key, (64, *shape))
-        pred = P.apply_unet(models, params["unet"], noisy, t, cond)
+        pred = sample.apply_unet(models, params["unet"], noisy, t, cond)
         # x0 = sqrt(ac) x_t - sqrt(1 - ac) v, or (x_t - sqrt(1 - ac) eps) / sqrt(ac). Not
-        # denoise.denoiser: it works in sigma space, where zero terminal SNR is sigma = inf.
+        # loop.denoiser: it works in sigma space, where zero terminal SNR is sigma = inf.
         return (jnp.sqrt(ac) * noisy - jnp.sqrt(1 - ac) * pred if models.prediction_type == "v_prediction"
                 else (noisy - jnp.sqrt(1 - ac) * pred) / jnp.sqrt(ac)).mean(0)
 
@@ -92,7 +92,7 @@ def main():
             images.append(image)
             ordered.append((c1, c2, relation))
             unordered.append(tuple(sorted((c1, c2))))
-    encode = jax.jit(lambda x: P.encode_images(models, params["vae"], x))
+    encode = jax.jit(lambda x: sample.encode_images(models, params["vae"], x))
     latents = np.concatenate([np.asarray(encode(jnp.asarray(np.stack(images[i:i + 512]) / 255.0, jnp.float32)))
                               for i in range(0, len(images), 512)])
     nothing = [()] * len(latents)

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # for configs/
 from configs import shapes_unet  # noqa: E402
-from jaxdiff import pipeline as P  # noqa: E402
+from jaxdiff import components, sample  # noqa: E402
 from jaxdiff import text  # noqa: E402
 from jaxdiff.data import shapes  # noqa: E402
 from jaxdiff.train import loop  # noqa: E402
@@ -62,7 +62,7 @@ def load(name: str | None):
         config = shapes_unet.get_config()
         config.init.path = ""
         configs, params, tokenizers = loop.build_pipeline(config)
-        return P.build_models(configs), params, tokenizers
+        return components.build_models(configs), params, tokenizers
     pipe = jaxdiff.load() if name is None else loop.load_pipeline(name)
     return pipe.models, pipe.params, pipe.tokenizers
 
@@ -74,7 +74,7 @@ def main():
     for name in sys.argv[1:] or [None]:
         models, params, tokenizers = load(name)
         ids = tuple(jnp.asarray(text.tokenize(t, captions)) for t in tokenizers)
-        context = np.asarray(P.encode_prompt(models, params["text_encoders"], ids).context)
+        context = np.asarray(sample.encode_prompt(models, params["text_encoders"], ids).context)
         per_position = [unexplained(context[:, k], targets, train, test) for k in range(context.shape[1])]
         everything = unexplained(context.reshape(len(captions), -1), targets, train, test)
         print(f"{name or 'bundled model'}: unexplained {everything:.3f} from all {context.shape[1]} positions, "

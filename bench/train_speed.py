@@ -27,7 +27,7 @@ def measure(config_path: str, batch: int, steps: int, fsdp: int) -> dict:
     import numpy as np
     sys.path.insert(0, ROOT)
     from jaxdiff import parallel
-    from jaxdiff import pipeline as P
+    from jaxdiff import components, sample
     from jaxdiff.train import loop, step as step_lib
 
     import importlib.util
@@ -41,7 +41,7 @@ def measure(config_path: str, batch: int, steps: int, fsdp: int) -> dict:
     config.train.batch_size = batch
 
     configs, params, tokenizers = loop.build_pipeline(config)
-    models = P.build_models(configs)
+    models = components.build_models(configs)
     optimizer = step_lib.make_optimizer(config)
     mesh = parallel.make_mesh(-1, fsdp)
     state, train_step = loop.sharded_training(models, params, config, optimizer, mesh)
@@ -52,7 +52,7 @@ def measure(config_path: str, batch: int, steps: int, fsdp: int) -> dict:
     host = {"images": rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32), "ids": ids,
             "empty_ids": tuple(np.zeros_like(i) for i in ids), "weights": np.ones(batch, np.float32)}
     if models.family.micro_conditioning:
-        host["time_ids"] = P.micro_conditioning_ids(res, res, batch)
+        host["time_ids"] = sample.micro_conditioning_ids(res, res, batch)
     batch_arrays = parallel.host_batch_to_global(host, mesh)
     key = jax.random.key(0)
     state, metrics = train_step(state, batch_arrays, key)  # compile and warm up

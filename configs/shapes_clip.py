@@ -3,12 +3,12 @@
 trained on it, frozen. The VAE (and, if named, a U-Net) of the init rides along untouched, so that the
 U-Net stage takes everything from this run.
 
-The bundled model (README, Training) trains it between the VAE and the U-Net, which then trains from
+The bundled model (docs/training.md) trains it between the VAE and the U-Net, which then trains from
 scratch on it, frozen:
 
-    python main.py train --config configs/shapes_clip.py --workdir runs/shapes_clip \
+    jaxdiff train --config configs/shapes_clip.py --workdir runs/shapes_clip \
         --config.init.path=runs/shapes_vae
-    python main.py train --config configs/shapes_unet.py --workdir runs/unet1 \
+    jaxdiff train --config configs/shapes_unet.py --workdir runs/unet1 \
         --config.init.path=runs/shapes_clip --config.init.components='("vae","text_encoders")' \
         --config.train.train_text_encoder=False --config.train.steps=7000
 

@@ -1,35 +1,24 @@
 """Stage 3 of the bundled model: a text-conditioned U-Net trained on the latents of the stage-1 VAE
 (configs/shapes_vae.py), from scratch on the frozen stage-2 text encoder (configs/shapes_clip.py), then
-continued with `:retext`, each stage from the last one's export (README, Training, has the whole chain):
+continued with `:retext`, each stage from the last one's export (docs/training.md has the whole chain):
 
-    python main.py train --config configs/shapes_unet.py --workdir runs/unet1 \
+    jaxdiff train --config configs/shapes_unet.py --workdir runs/unet1 \
         --config.init.path=runs/shapes_clip --config.init.components='("vae","text_encoders")' \
         --config.train.train_text_encoder=False --config.train.steps=7000
-    python main.py export runs/unet1 out/unet1 --raw
-    python main.py train --config configs/shapes_unet.py:retext --workdir runs/unet2 \
+    jaxdiff export runs/unet1 out/unet1 --raw
+    jaxdiff train --config configs/shapes_unet.py:retext --workdir runs/unet2 \
         --config.init.path=out/unet1 --config.train.steps=7000
 
-Without those overrides it trains the text encoder jointly from scratch, as the model shipped before
-did: such an encoder reads a caption as a bag of objects (README, sessions 4-8).
+Without those overrides it trains the text encoder jointly from scratch, which reads a caption as a
+bag of objects (docs/research/relation-learning.md). The variants `pooled`, `deep`, `film` and
+`wide_out` are experiments on how a U-Net reads relations, kept so that they can be rerun; none of
+them is part of the bundled model.
 """
 
-from configs import common, shapes_vae
+from configs import common
+from configs.shapes_components import SCHEDULER, TEXT_ENCODER, TINY_TEXT, TINY_UNET, TINY_VAE, UNET, VAE
 
-# 16x16 latents. Each level costs about the same (channels double as the side halves); no attention at
-# 16x16, where a shape's outline is drawn, cross-attention at 8x8 and 4x4, where objects are placed.
-# 8 norm groups keep 4+ channels per group (see shapes_vae.py on instance norms).
-UNET = dict(_class_name="UNet2DConditionModel", sample_size=16,
-            in_channels=shapes_vae.VAE["latent_channels"], out_channels=shapes_vae.VAE["latent_channels"],
-            block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=128, attention_head_dim=4)
-TEXT_ENCODER = dict(architectures=["CLIPTextModel"], hidden_size=128, intermediate_size=512,
-                    num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu",
-                    projection_dim=128)
-
-
-VARIANTS = ('tiny', 'eps', 'from_eps', 'retext', 'pooled', 'deep', 'film', 'wide_out')  # configs/NAME.py:VARIANT
+VARIANTS = ('tiny', 'retext', 'pooled', 'deep', 'film', 'wide_out')  # configs/NAME.py:VARIANT
 
 
 def get_config(arg=None):
@@ -38,19 +27,9 @@ def get_config(arg=None):
     c.mode = "unet"
     c.model.unet = dict(UNET)
     c.model.text_encoder = dict(TEXT_ENCODER)
-    c.model.vae = dict(shapes_vae.VAE)
+    c.model.vae = dict(VAE)
     c.model.max_length = 16  # captions of the shapes grammar are at most 12 tokens with BOS/EOS
-    # v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024, "Common Diffusion Noise Schedules
-    # and Sample Steps Are Flawed"; diffusers' rescale_betas_zero_snr + trailing timesteps).
-    # - At SD's last timestep the latents keep sqrt(0.0047) of their signal. A shapes object covers
-    #   4x4 of the 16x16 latents, so its 64 values add up to an SNR near 1: the model learns to find
-    #   objects in the "noise" at t=999, and sampling from pure noise then finds them wherever the
-    #   noise happens to look like one: extra objects, and relations the prompt did not ask for.
-    # - Zero SNR needs v-prediction (an epsilon model's clean-image estimate divides by 0 there); it
-    #   also weighs the error of the implied clean image by SNR + 1 instead of the SNR (epsilon), so
-    #   the high-noise steps, where the layout is decided, are learned with full weight.
-    c.model.scheduler = dict(common.SD_SCHEDULER, prediction_type="v_prediction",
-                             rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    c.model.scheduler = dict(SCHEDULER)  # v-prediction, zero terminal SNR: see shapes_components.py
     c.init.path = "runs/shapes_vae"
     c.init.components = ("vae",)
     c.init.calibrate_scaling_factor = True
@@ -61,13 +40,6 @@ def get_config(arg=None):
     c.train.warmup_steps = 200
     c.train.ema_decay = 0.999
     c.sample_every = 1000
-    if arg == "eps":  # what the first 6000 steps of the bundled model were trained with
-        c.model.scheduler = dict(common.SD_SCHEDULER)
-        c.train.min_snr_gamma = 5.0
-    if arg == "from_eps":  # the bundled model's second stage: an `eps` run turned into v-prediction
-        c.init.components = ("vae", "unet", "text_encoders")
-        c.init.calibrate_scaling_factor = False  # the run's VAE carries its calibrated factor
-        c.train.steps = 5000
     if arg == "retext":  # a trained U-Net on a contrastively pretrained text encoder, kept frozen
         # --config.init.path: an export of an earlier U-Net stage on that encoder (the bundled chain), or
         # a configs/shapes_clip.py run that carried a U-Net along (--config.init.components='("vae","unet")'
@@ -79,30 +51,30 @@ def get_config(arg=None):
         c.train.train_text_encoder = False
         c.train.steps = 3000
         c.checkpoint.every = 250
-    if arg == "pooled":  # an experiment (README, on relations); not yet trained from scratch
+    if arg == "pooled":  # an experiment (docs/research/relation-learning.md); not yet trained from scratch
         # The bundled model reads a caption as a bag of objects (eval --relation-sensitivity = 0): the
         # relation never reaches the image through cross-attention alone. diffusers'
         # addition_embed_type="text" adds the attention-pooled prompt to the timestep embedding, so
         # every resnet block sees the whole sentence, as a class label steers a class-conditional
         # model's layout. StableDiffusionPipeline runs such a U-Net unchanged.
         c.model.unet = dict(UNET, addition_embed_type="text", addition_embed_type_num_heads=4)
-    if arg == "deep":  # an experiment (README, on relations): a fourth level, cross-attention at 2x2
+    if arg == "deep":  # an experiment (docs/research/relation-learning.md): a fourth level, cross-attention at 2x2
         # The idea: a relation picks a half of the image. At 2x2 every cell is a corner, so one
         # zero-padded conv tells the four apart; at 4x4 and 8x8 a query learns where it is only from
         # the padding's effect seeping in through several convs, against the noise that is all there
-        # is at t = T. Trained 500 steps at t = T only it read relations no better than UNET (README).
+        # is at t = T. Trained 500 steps at t = T only it read relations no better than UNET.
         c.model.unet = dict(UNET, block_out_channels=(32, 64, 128, 128),
                             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
                             up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",))
-    if arg == "film":  # an experiment (README, on relations): `pooled`, with FiLM resnets
+    if arg == "film":  # an experiment (docs/research/relation-learning.md): `pooled`, with FiLM resnets
         # At t = T the input is noise, and a time embedding added before GroupNorm is partly
         # normalised away with it; FiLM after the norm can switch the noise path off and put a clean
         # constant (from the time and the pooled prompt) in its place, which conv2's zero padding turns
         # into a position field: "red on the left" then needs no noise to be averaged out. Trained
-        # 1000 steps from scratch (logit-normal t) it read no relation (README, session 6).
+        # 1000 steps from scratch (logit-normal t) it read no relation.
         c.model.unet = dict(UNET, addition_embed_type="text", addition_embed_type_num_heads=4,
                             resnet_time_scale_shift="scale_shift")
-    if arg == "wide_out":  # an experiment (README, on relations): a 17x17 conv_out, frozen text encoder
+    if arg == "wide_out":  # an experiment (docs/research/relation-learning.md): a 17x17 conv_out, frozen text encoder
         # At t = T the input is pure noise and the best output is -E[x0 | caption]; for "to the left of"
         # that puts the first object's colour on the left half and the second's on the right. Zero
         # padding is a U-Net's only cue of where a pixel is, and through 3x3 convs it reaches a pixel or
@@ -122,9 +94,9 @@ def get_config(arg=None):
         c.train.steps = 6000
         c.checkpoint.every = 250
     if arg == "tiny":
-        c.model.unet = dict(shapes_vae.TINY_UNET)
-        c.model.text_encoder = dict(shapes_vae.TINY_TEXT)
-        c.model.vae = dict(shapes_vae.VAE, block_out_channels=(8, 8, 16), norm_num_groups=4)
+        c.model.unet = dict(TINY_UNET)
+        c.model.text_encoder = dict(TINY_TEXT)
+        c.model.vae = dict(TINY_VAE)
         c.init.path, c.init.components = "", ()
         # A random VAE's latents sit far from 0 compared with their spread; scaled by 1/std they put
         # the v target at ~5 and a few steps cannot fit that. (A trained VAE's KL keeps them centred.)

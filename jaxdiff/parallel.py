@@ -140,6 +140,11 @@ def shardings_for(tree: Any, mesh: Mesh, min_size: int = 2 ** 14) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), min_size, fsdp_size)), tree)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of `mesh` (scalars, schedules, metrics)."""
+    return NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading dim split over (DATA, FSDP) jointly, the other `ndim - 1` dims whole."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import jaxdiff
-from jaxdiff import pipeline as pipeline_lib
+from jaxdiff import components
+from jaxdiff.models.params import param_shapes
 from jaxdiff.weights import export
 from tests.reference import diffusers_scheduler
 from tests.tiny_pipelines import make_tokenizer
@@ -118,7 +119,7 @@ def _scratch_configs(tokenizer):
     scheduler = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                      steps_offset=1)
-    return pipeline_lib.PipelineConfigs("StableDiffusionPipeline", unet, vae, (text,), scheduler)
+    return components.PipelineConfigs("StableDiffusionPipeline", unet, vae, (text,), scheduler)
 
 
 def _random_params(models, seed=0):
@@ -133,7 +134,7 @@ def _random_params(models, seed=0):
         fan_in = math.prod(leaf.shape[:-1]) if path[-1].key == "kernel" else 1
         return noise / fan_in ** 0.5
 
-    init = lambda m: jax.tree_util.tree_map_with_path(draw, pipeline_lib.param_shapes(m))
+    init = lambda m: jax.tree_util.tree_map_with_path(draw, param_shapes(m))
     return {"text_encoders": tuple(init(m) for m in models.text_encoders),
             "unet": init(models.unet), "vae": init(models.vae)}
 
@@ -150,12 +151,12 @@ def test_from_scratch_pipeline_loads_in_diffusers(tmp_path, library_logs, class_
     configs = _scratch_configs(tokenizer)
     if class_name:
         configs = dataclasses.replace(configs, scheduler=dict(configs.scheduler, _class_name=class_name))
-    models = pipeline_lib.build_models(configs)
+    models = components.build_models(configs)
     params = _random_params(models)
     defaults = {"sampler": sampler, "steps": STEPS, "guidance_scale": GUIDANCE}
     out = export.save_pipeline(str(tmp_path / "scratch"), configs, params, [tokenizer], defaults)
 
-    pipe = pipeline_lib.Pipeline(models, params, [tokenizer], configs, defaults)
+    pipe = jaxdiff.Pipeline(models, params, [tokenizer], configs, defaults)
     latents = _latents(2, 32, 32, seed=1)
     ours = pipe.generate(PROMPTS, NEGATIVES, latents=latents)
     ref_pipe = _diffusers_load("StableDiffusionPipeline", out, library_logs)

@@ -143,7 +143,7 @@ def _copy(src, tmp_path):
 
 
 def _rewrite_unet(path, edit):
-    from jaxdiff.weights.diffusers import read_safetensors, write_safetensors
+    from jaxdiff.weights.safetensors import read_safetensors, write_safetensors
 
     f = os.path.join(path, "unet", "diffusion_pytorch_model.safetensors")
     tensors = {k: np.array(v) for k, v in read_safetensors(f).items()}
@@ -184,7 +184,7 @@ def test_unet_that_does_not_predict_the_vae_latents_is_named(pipeline_dir, tmp_p
 
 
 def test_pickle_weights_are_refused_unless_allowed(pipeline_dir, tmp_path):
-    from jaxdiff.weights.diffusers import read_safetensors
+    from jaxdiff.weights.safetensors import read_safetensors
 
     path = _copy(pipeline_dir("sd1"), tmp_path)
     f = os.path.join(path, "vae", "diffusion_pytorch_model.safetensors")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxdiff.sampling import denoise, samplers, schedules
+from jaxdiff.sampling import loop, samplers, schedules
 from tests import reference
 
 # As StableDiffusionPipeline's PNDM scheduler_config.json carries it, with every key spelled out.
@@ -66,11 +66,11 @@ STEPS = (1, 4, 25)  # the step counts most tests use: each new count compiles th
 
 @functools.lru_cache(maxsize=None)
 def _jitted(sampler, prediction_type, replay):
-    denoise_fn = denoise.denoiser(jax_model, prediction_type)
+    denoise_fn = loop.denoiser(jax_model, prediction_type)
     if replay:
         return jax.jit(lambda noise, sched, z:
-                       denoise.sample_with_noise(denoise_fn, noise, sched, sampler, z))
-    return jax.jit(lambda noise, sched, key: denoise.sample(denoise_fn, noise, sched, sampler, key))
+                       loop.run_with_noise(denoise_fn, noise, sched, sampler, z))
+    return jax.jit(lambda noise, sched, key: loop.run(denoise_fn, noise, sched, sampler, key))
 
 
 def _shared_name(sampler):
@@ -140,7 +140,7 @@ def test_stochastic_sampler_replays_diffusers_noise(sampler, config):
 @functools.lru_cache(maxsize=None)
 def _sample_jit():
     # sample itself jitted: sched and key traced, sampler static.
-    return jax.jit(functools.partial(denoise.sample, denoise.denoiser(jax_model, "epsilon")),
+    return jax.jit(functools.partial(loop.run, loop.denoiser(jax_model, "epsilon")),
                    static_argnames="sampler")
 
 
@@ -158,7 +158,7 @@ def test_stochastic_sampler_with_jax_noise(sampler):
     np.testing.assert_array_equal(a, again)
     assert np.abs(a - b).max() > 1e-2
     with pytest.raises(ValueError, match="PRNG key"):
-        denoise.sample(denoise.denoiser(jax_model, "epsilon"), NOISE, sched, sampler, None)
+        loop.run(loop.denoiser(jax_model, "epsilon"), NOISE, sched, sampler, None)
     if sampler == "euler_a":
         # Step i's noise is normal(fold_in(key, i)): replaying exactly those gives `sample`.
         draw = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i),
@@ -232,8 +232,8 @@ def test_img2img_tail_matches_diffusers(sampler, strength):
     noise = NOISE
     tail = schedules.img2img_tail(schedules.make_schedule(sampler, config, 10), strength)
     assert tail.num_steps == int(10 * strength) and float(tail.init_noise_sigma) == 1.0
-    denoise_fn = denoise.denoiser(jax_model, "v_prediction")
-    ours = np.asarray(denoise.sample(denoise_fn, init + tail.sigmas[0] * noise, tail, sampler))
+    denoise_fn = loop.denoiser(jax_model, "v_prediction")
+    ours = np.asarray(loop.run(denoise_fn, init + tail.sigmas[0] * noise, tail, sampler))
     ref = _diffusers_img2img(sampler, config, 10, strength, init, noise)
     assert _max_err(ours, ref) <= 1e-4, _max_err(ours, ref)
     assert _max_err(ours, init) > 0.01  # it ran
@@ -301,8 +301,8 @@ def test_model_evaluations_per_run(sampler, evaluations):
         jax.debug.callback(lambda: calls.append(1))
         return jax_model(x, t)
 
-    denoise_fn = denoise.denoiser(model, "epsilon")
-    run = jax.jit(lambda sched: denoise.sample(denoise_fn, NOISE, sched, sampler))
+    denoise_fn = loop.denoiser(model, "epsilon")
+    run = jax.jit(lambda sched: loop.run(denoise_fn, NOISE, sched, sampler))
     for n in (1, 6):
         calls.clear()
         jax.block_until_ready(run(schedules.make_schedule(sampler, SD15, n)))
@@ -358,13 +358,13 @@ def test_unknown_sampler_and_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"unknown sampler 'plms_typo'.*ddim.*dpmpp_2m_karras"):
         schedules.make_schedule("plms_typo", SD15, 10)
     with pytest.raises(ValueError, match=r"unknown sampler 'plms_typo'.*euler_a"):
-        denoise.sample(denoise.denoiser(jax_model, "epsilon"), NOISE,
+        loop.run(loop.denoiser(jax_model, "epsilon"), NOISE,
                        schedules.make_schedule("euler", SD15, 2), "plms_typo", None)
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="num_steps"):
             schedules.make_schedule("euler", SD15, bad)
     with pytest.raises(ValueError, match="prediction_type 'flow'"):
-        denoise.denoiser(jax_model, "flow")
+        loop.denoiser(jax_model, "flow")
     with pytest.raises(ValueError, match="cannot exceed"):
         schedules.make_schedule("ddim", SD15, 1001)
     with pytest.raises(NotImplementedError, match="beta_schedule"):
@@ -383,12 +383,12 @@ def test_schedule_is_a_float32_pytree():
 
 def test_new_schedule_with_same_steps_does_not_recompile():
     traces = []
-    denoise_fn = denoise.denoiser(jax_model, "epsilon")
+    denoise_fn = loop.denoiser(jax_model, "epsilon")
 
     @jax.jit
     def run(noise, sched):
         traces.append(1)
-        return denoise.sample(denoise_fn, noise, sched, "dpmpp_2m")
+        return loop.run(denoise_fn, noise, sched, "dpmpp_2m")
 
     a = run(NOISE, schedules.make_schedule("dpmpp_2m", SD15, 8))
     b = run(NOISE, schedules.make_schedule("dpmpp_2m", LINSPACE, 8))
@@ -399,14 +399,14 @@ def test_new_schedule_with_same_steps_does_not_recompile():
 
 
 def test_denoiser_computes_in_float32_for_a_bf16_model():
-    denoise_fn = denoise.denoiser(lambda x, t: jax_model(x, t).astype(jnp.bfloat16), "v_prediction")
+    denoise_fn = loop.denoiser(lambda x, t: jax_model(x, t).astype(jnp.bfloat16), "v_prediction")
     x0 = jax.eval_shape(denoise_fn, NOISE, jnp.float32(3.0), jnp.float32(500.0))
     assert x0.dtype == jnp.float32
 
 
 def test_step_functions_are_pure_and_take_injected_noise():
     sched = schedules.make_schedule("euler_a", SD15, 4)
-    denoise_fn = denoise.denoiser(jax_model, "epsilon")
+    denoise_fn = loop.denoiser(jax_model, "epsilon")
     x = jnp.asarray(NOISE) * sched.init_noise_sigma
     s = samplers.SAMPLERS["euler_a"]
     z = jnp.ones_like(x)

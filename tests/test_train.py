@@ -47,13 +47,13 @@ def _eval_loss(config, params, tokenizers, models, steps=4):
 @pytest.mark.slow
 @pytest.mark.parametrize("module", [shapes_vae, shapes_unet, shapes_clip])
 def test_tiny_config_loss_falls(module, tfds_dir, tmp_path):
-    from jaxdiff import pipeline as P
+    from jaxdiff import components
 
     config = _config(module, tfds_dir, **{"train.steps": 40, "train.batch_size": 8,
                                           "train.learning_rate": 3e-3, "train.lr_schedule": "constant",
                                           "checkpoint.every": 40})
     configs, params, tokenizers = loop.build_pipeline(config)
-    models = P.build_models(configs)
+    models = components.build_models(configs)
     before = _eval_loss(config, params, tokenizers, models)
     state = loop.train(config, str(tmp_path))
     after = _eval_loss(config, state.pipeline_params(use_ema=False), tokenizers, models)
@@ -162,14 +162,14 @@ def test_unet_channels_follow_the_vae_and_a_mismatch_is_named(tfds_dir):
                                            (shapes_clip, [(8, 1), (12, 1)])])
 def test_padding_and_accumulation_change_nothing(module, cases, tfds_dir):
     """Weight-0 pad rows and micro-batching give the plain step's update (rows keep their randomness)."""
-    from jaxdiff import pipeline as P
+    from jaxdiff import components
     from jaxdiff.train import data, step as step_lib
 
     config = _config(module, tfds_dir, **{"train.batch_size": 6, "train.optimizer": "sgd",
                                           "train.learning_rate": 0.05, "train.lr_schedule": "constant",
                                           "train.warmup_steps": 0})
     configs, params, tokenizers = loop.build_pipeline(config)
-    models = P.build_models(configs)
+    models = components.build_models(configs)
     optimizer = step_lib.make_optimizer(config)
     source = data.make_source(config.data)
 
@@ -196,7 +196,7 @@ def test_padding_and_accumulation_change_nothing(module, cases, tfds_dir):
 def test_cached_latents_train_the_same(tfds_dir, tmp_path):
     """`train.cache_latents` encodes the data set once; the run it gives is the uncached run (the
     posterior is a function of the image, and each row keeps its own posterior noise)."""
-    from jaxdiff import pipeline as P
+    from jaxdiff import components
     from jaxdiff.train import data
 
     config = _config(shapes_unet, tfds_dir, **{"train.steps": 3, "train.batch_size": 6})
@@ -209,7 +209,7 @@ def test_cached_latents_train_the_same(tfds_dir, tmp_path):
 
     configs, params, tokenizers = loop.build_pipeline(config)
     source = data.make_source(config.data)
-    cache = loop.cache_posteriors(P.build_models(configs), params["vae"], source, batch_size=100)
+    cache = loop.cache_posteriors(components.build_models(configs), params["vae"], source, batch_size=100)
     assert len(cache) == len(source) and cache.captions == source.captions
     batch = data.batch_at(cache, 0, 4, seed=0)
     assert "images" not in batch and batch["posterior"].shape == (4, 16, 16, 2 * configs.vae["latent_channels"])
@@ -222,13 +222,13 @@ def test_cached_latents_train_the_same(tfds_dir, tmp_path):
 
 def test_frozen_subtrees_stay_put(tfds_dir):
     """`train.frozen` keeps the named subtrees bit-identical (SD-style decoder-only VAE fine-tuning)."""
-    from jaxdiff import pipeline as P
+    from jaxdiff import components
     from jaxdiff.train import data, step as step_lib
 
     config = _config(shapes_vae, tfds_dir, **{"train.frozen": ("vae/encoder", "vae/quant_conv"),
                                               "train.warmup_steps": 0})
     configs, params, tokenizers = loop.build_pipeline(config)
-    models = P.build_models(configs)
+    models = components.build_models(configs)
     optimizer = step_lib.make_optimizer(config)
     batch = loop._batch_fn(config, data.make_source(config.data), tokenizers, models)(0)
     state = step_lib.create_state(params, config, optimizer)
@@ -254,13 +254,13 @@ def test_frozen_subtrees_stay_put(tfds_dir):
 def test_redraw_fits_the_decoder_to_the_unets_latents(tfds_dir):
     """`train.redraw_strengths`: the decoder learns from the frozen U-Net's img2img redraws of the
     latents (strength 0: the latents as they are); encoder, U-Net and text encoder stay put."""
-    from jaxdiff import pipeline as P
+    from jaxdiff import components
     from jaxdiff.train import data, step as step_lib
 
     config = _config(shapes_vae, tfds_dir, **{"train.frozen": ("vae/encoder", "vae/quant_conv"),
                                               "train.warmup_steps": 0})
     configs, params, tokenizers = loop.build_pipeline(config)
-    models = P.build_models(configs)
+    models = components.build_models(configs)
     batch = loop._batch_fn(config, data.make_source(config.data), tokenizers, models)(0)
     keys = step_lib.example_keys(jax.random.key(0), len(batch["images"]))
 
@@ -294,12 +294,13 @@ def test_redraw_fits_the_decoder_to_the_unets_latents(tfds_dir):
 def test_redraw_config_redraws_as_the_bundled_model_samples():
     """configs/shapes_vae.py:redraw trains the bundled decoder on the latents the bundled folder's
     own sampler, steps, guidance and noise schedule produce."""
-    from jaxdiff import pipeline as P
+    from jaxdiff import pipeline
+    from jaxdiff.weights import folder
     from jaxdiff.sampling import schedules
 
     config = shapes_vae.get_config("redraw")
-    bundled = P.read_configs(P.BUNDLED_MODEL)
-    with open(os.path.join(P.BUNDLED_MODEL, P.JAXDIFF_DEFAULTS_FILE)) as f:
+    bundled = folder.read_configs(pipeline.BUNDLED_MODEL)
+    with open(os.path.join(pipeline.BUNDLED_MODEL, folder.JAXDIFF_DEFAULTS_FILE)) as f:
         defaults = json.load(f)
     assert dict(config.export.defaults) == defaults
     ours = schedules.make_schedule(defaults["sampler"], config.model.scheduler.to_dict(), defaults["steps"])
@@ -330,20 +331,20 @@ def test_clip_run_hands_its_text_encoder_to_the_unet_stage(tfds_dir, tmp_path):
 
 def test_vae_decoder_swap_checks_the_encoder(tfds_dir):
     """`main.py export --vae-decoder`: a donor VAE with the same encoder is taken; another is refused."""
-    from jaxdiff import pipeline as P
+    from jaxdiff import components, pipeline
 
     configs, params, tokenizers = loop.build_pipeline(_config(shapes_vae, tfds_dir))
-    pipe = P.Pipeline(P.build_models(configs), params, tokenizers, configs, {})
+    pipe = pipeline.Pipeline(components.build_models(configs), params, tokenizers, configs, {})
     donor_vae = jax.tree.map(np.asarray, params["vae"])
     donor_vae["decoder"] = jax.tree.map(lambda x: x + 1.0, donor_vae["decoder"])
-    donor = P.Pipeline(pipe.models, {**params, "vae": donor_vae}, tokenizers, configs, {})
+    donor = pipeline.Pipeline(pipe.models, {**params, "vae": donor_vae}, tokenizers, configs, {})
     swapped = loop.with_vae_decoder(pipe, donor)
     np.testing.assert_array_equal(swapped.params["vae"]["decoder"]["conv_in"]["kernel"],
                                   donor_vae["decoder"]["conv_in"]["kernel"])
     np.testing.assert_array_equal(swapped.params["unet"]["conv_in"]["kernel"],
                                   params["unet"]["conv_in"]["kernel"])
     donor_vae["encoder"] = jax.tree.map(lambda x: x + 1e-3, donor_vae["encoder"])
-    donor = P.Pipeline(pipe.models, {**params, "vae": donor_vae}, tokenizers, configs, {})
+    donor = pipeline.Pipeline(pipe.models, {**params, "vae": donor_vae}, tokenizers, configs, {})
     with pytest.raises(ValueError, match="encoder differs"):
         loop.with_vae_decoder(pipe, donor)
 

@@ -57,7 +57,7 @@ def port(torch_model, jax_cls, what: str):
     strict conversion (a naming mistake fails here)."""
     import json
 
-    from jaxdiff.pipeline import param_shapes
+    from jaxdiff.models.params import param_shapes
     from jaxdiff.weights.convert import load_state_dict
 
     config = json.loads(torch_model.to_json_string())  # what the component's config.json holds

@@ -45,7 +45,7 @@ def vae_roundtrip(pipe, n: int = 512, batch_size: int = 64) -> dict:
     """
     import jax
 
-    from jaxdiff import pipeline as P
+    from jaxdiff import sample
 
     check_counts(n, batch_size)
     height, width = pipe.default_size()
@@ -53,7 +53,7 @@ def vae_roundtrip(pipe, n: int = 512, batch_size: int = 64) -> dict:
         raise ValueError(f"the shapes data set is square; the pipeline's default size is {height}x{width}")
     samples = [shapes.sample(i, "validation", resolution=height) for i in range(n)]
     images = np.stack([image for image, _ in samples]).astype(np.float32) / 255.0
-    round_trip = jax.jit(lambda params, x: P.decode(pipe.models, params, P.encode_images(pipe.models, params, x)))
+    round_trip = jax.jit(lambda params, x: sample.decode(pipe.models, params, sample.encode_images(pipe.models, params, x)))
     reconstructions = np.concatenate([np.asarray(round_trip(pipe.params["vae"], images[i:i + batch_size]))
                                       for i in range(0, n, batch_size)])
     return detector.score(reconstructions, [caption for _, caption in samples])
@@ -99,7 +99,7 @@ def relation_loss_gap(pipe, n: int = 256, seed: int = 0, timesteps=(999, 950, 90
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff import pipeline as P, text
+    from jaxdiff import sample, text
     from jaxdiff.sampling import schedules
     from jaxdiff.train import step
 
@@ -123,16 +123,16 @@ def relation_loss_gap(pipe, n: int = 256, seed: int = 0, timesteps=(999, 950, 90
     @jax.jit
     def encode(images, ids, flipped_ids):
         """Clean latents and both captions' conditioning: once per batch, whatever the timesteps."""
-        time_ids = (P.micro_conditioning_ids(size, size, images.shape[0])
+        time_ids = (sample.micro_conditioning_ids(size, size, images.shape[0])
                     if models.family.micro_conditioning else None)
-        return (P.encode_images(models, params["vae"], images),
-                tuple(P.encode_prompt(models, params["text_encoders"], i, time_ids) for i in (ids, flipped_ids)))
+        return (sample.encode_images(models, params["vae"], images),
+                tuple(sample.encode_prompt(models, params["text_encoders"], i, time_ids) for i in (ids, flipped_ids)))
 
     @jax.jit
     def losses(latents, conds, eps, t):
         noisy, target = step.noised_and_target(latents, eps, alphas_cumprod[t], models.prediction_type)
         ts = jnp.full((latents.shape[0],), t, jnp.float32)
-        return tuple(jnp.sum(jnp.mean((P.apply_unet(models, params["unet"], noisy, ts, cond) - target) ** 2,
+        return tuple(jnp.sum(jnp.mean((sample.apply_unet(models, params["unet"], noisy, ts, cond) - target) ** 2,
                                       axis=(1, 2, 3)))
                      for cond in conds)
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxdiff.models.layers import multihead_attention
+from jaxdiff.models.attention import multihead_attention
 
 # transformers' `ACT2FN` entries that CLIP text configs use.
 ACTIVATIONS = {

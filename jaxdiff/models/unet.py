@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.config import with_defaults
-from jaxdiff.models.layers import (ACTIVATIONS, RESNET_TIME_NORMS, BlockSpec, DownBlock2D, TextTimeEmbedding, TimestepEmbedding,
-                                   UNetMidBlock2D, UpBlock2D, conv2d, get_activation, get_timestep_embedding,
-                                   group_norm)
+from jaxdiff.models.blocks import BlockSpec, DownBlock2D, UNetMidBlock2D, UpBlock2D
+from jaxdiff.models.layers import (ACTIVATIONS, RESNET_TIME_NORMS, TextTimeEmbedding, TimestepEmbedding, conv2d,
+                                   get_activation, get_timestep_embedding, group_norm)
 
 # `UNet2DConditionModel.__init__` defaults of diffusers 0.3x-0.4x.
 _DEFAULTS: dict[str, Any] = dict(

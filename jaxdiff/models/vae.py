@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.config import with_defaults
-from jaxdiff.models.layers import (ACTIVATIONS, BlockSpec, DownBlock2D, UNetMidBlock2D, UpBlock2D, conv2d,
-                                   group_norm)
+from jaxdiff.models.blocks import BlockSpec, DownBlock2D, UNetMidBlock2D, UpBlock2D
+from jaxdiff.models.layers import ACTIVATIONS, conv2d, group_norm
 
 # `AutoencoderKL.__init__` defaults. scaling_factor, shift_factor, latents_mean/std and force_upcast
 # are read by pipelines, not by the network; sample_size only sizes diffusers' tiling.

@@ -3,7 +3,7 @@
     step(denoise_fn, x, i, sched, state, noise) -> (x_next, state)
 
 x is the sample in sigma space (x = x_vp * sqrt(1 + sigma^2)); `denoise_fn(x, sigma, t) -> x0`
-(see denoise.denoiser); i is the traced step index into `sched` (a schedules.Schedule); `state` is
+(see loop.denoiser); i is the traced step index into `sched` (a schedules.Schedule); `state` is
 the scan carry (multistep history; () for one-step samplers); `noise` is this step's fresh unit
 normal, ignored by deterministic samplers (None is fine for them).
 

@@ -25,27 +25,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff import parallel
-from jaxdiff import pipeline as P
-from jaxdiff import text
+from jaxdiff import components, parallel, pipeline, sample, text
 from jaxdiff.images import save_pngs
+from jaxdiff.models import params as model_params
 from jaxdiff.models.contrastive import ContrastiveHeads
 from jaxdiff.train import data, step as step_lib
 from jaxdiff.train.checkpoint import Checkpointer
+from jaxdiff.weights import folder
 
 RUN_CONFIG, RUN_PIPELINE = "config.json", "pipeline.json"
 COMPONENTS = ("text_encoders", "unet", "vae")  # the param subtrees of a pipeline
 INIT_COMPONENTS = COMPONENTS + ("scheduler",)  # what config.init may take from another model
 
 
-def load_pipeline(path: str) -> P.Pipeline:
+def load_pipeline(path: str) -> pipeline.Pipeline:
     """A diffusers folder, or the newest checkpoint of a jaxdiff run directory."""
     if os.path.exists(os.path.join(path, RUN_CONFIG)):
         return restore_pipeline(path)
-    return P.load(path)
+    return pipeline.load(path)
 
 
-def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
+def build_pipeline(config) -> tuple[components.PipelineConfigs, dict, list]:
     """(configs, params, tokenizers) the run starts from: components named in `config.init`
     come from `config.init.path`, the rest are built from `config.model` with random weights.
 
@@ -72,22 +72,22 @@ def build_pipeline(config) -> tuple[P.PipelineConfigs, dict, list]:
         encoder = {**config.model.text_encoder.to_dict(), "vocab_size": len(tok),
                    "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                    "pad_token_id": tok.pad_token_id, "max_position_embeddings": tok.model_max_length}
-        configs = P.PipelineConfigs(
+        configs = components.PipelineConfigs(
             pipeline_class=config.model.pipeline_class, unet=config.model.unet.to_dict(),
             vae=config.model.vae.to_dict(), text_encoders=(encoder,),
             scheduler=config.model.scheduler.to_dict())
         if base is not None:
             configs = dataclasses.replace(configs, **{k: getattr(base.configs, k) for k in take})
     if config.mode == "unet":
-        P.check_latent_channels(configs)
-    params = P.init_params(P.build_models(configs), config.seed)
+        components.check_latent_channels(configs)
+    params = components.init_params(components.build_models(configs), config.seed)
     if base is not None:
         params.update({k: base.params[k] for k in take if k in COMPONENTS})
-    params.update(P.random_params(training_head_shapes(config, configs), config.seed))
+    params.update(model_params.random_params(training_head_shapes(config, configs), config.seed))
     return configs, params, tokenizers
 
 
-def training_head_shapes(config, configs: P.PipelineConfigs) -> dict:
+def training_head_shapes(config, configs: components.PipelineConfigs) -> dict:
     """The shapes of the params a mode trains beside the pipeline's own (mode "clip": its image tower,
     text projection and temperature, under "contrastive"); empty for the other modes."""
     if config.mode != "clip":
@@ -96,13 +96,13 @@ def training_head_shapes(config, configs: P.PipelineConfigs) -> dict:
     return {"contrastive": heads.param_shapes(config.data.resolution, configs.text_encoders[0]["hidden_size"])}
 
 
-def calibrate_scaling_factor(configs: P.PipelineConfigs, vae_params, source, config,
-                             num_images: int = 512) -> P.PipelineConfigs:
+def calibrate_scaling_factor(configs: components.PipelineConfigs, vae_params, source, config,
+                             num_images: int = 512) -> components.PipelineConfigs:
     """Sets the VAE's scaling_factor to 1 / std of its latents on the training data, as Stable
     Diffusion chose 0.18215, so the diffusion model sees unit-variance latents."""
-    models = P.build_models(dataclasses.replace(configs, vae={**configs.vae, "scaling_factor": 1.0,
+    models = components.build_models(dataclasses.replace(configs, vae={**configs.vae, "scaling_factor": 1.0,
                                                               "shift_factor": None}))
-    encode = jax.jit(lambda p, x: P.encode_images(models, p, x))
+    encode = jax.jit(lambda p, x: sample.encode_images(models, p, x))
     latents = [np.asarray(encode(vae_params, data.batch_at(source, i, 64, config.seed)["images"] / 2 + 0.5))
                for i in range(max(1, num_images // 64))]
     factor = float(1.0 / np.std(np.concatenate(latents)))
@@ -110,7 +110,7 @@ def calibrate_scaling_factor(configs: P.PipelineConfigs, vae_params, source, con
     return dataclasses.replace(configs, vae={**configs.vae, "scaling_factor": factor})
 
 
-def cache_posteriors(models: P.Models, vae_params, source, batch_size: int = 256) -> data.ArraySource:
+def cache_posteriors(models: components.Models, vae_params, source, batch_size: int = 256) -> data.ArraySource:
     """The source's examples as VAE posteriors (mean and std concatenated on channels, float32), with
     their captions: a U-Net step then samples latents from them instead of running the frozen encoder.
 
@@ -118,7 +118,7 @@ def cache_posteriors(models: P.Models, vae_params, source, batch_size: int = 256
     training (each row's posterior noise still comes from its own key), minus the encoder's time. It
     holds N x h x w x 2C floats in host memory: 410 MB for the 50k shapes images.
     """
-    encode = jax.jit(lambda p, x: jnp.concatenate(P.posterior(models, p, x), axis=-1))
+    encode = jax.jit(lambda p, x: jnp.concatenate(sample.posterior(models, p, x), axis=-1))
     chunks = []
     for begin in range(0, len(source), batch_size):
         images = np.stack([source[i][0] for i in range(begin, min(begin + batch_size, len(source)))])
@@ -133,7 +133,7 @@ def _write_run_files(workdir, config, configs, tokenizers):
         f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, RUN_PIPELINE), "w") as f:
         json.dump(dataclasses.asdict(configs), f, indent=2)
-    for tok, (_, name) in zip(tokenizers, P.TEXT_COMPONENTS):
+    for tok, (_, name) in zip(tokenizers, folder.TEXT_COMPONENTS):
         tok.save_pretrained(os.path.join(workdir, name))
 
 
@@ -148,19 +148,19 @@ def read_run(workdir: str):
         config = ml_collections.ConfigDict(json.load(f))
     with open(os.path.join(workdir, RUN_PIPELINE)) as f:
         raw = json.load(f)
-    configs = P.PipelineConfigs(**{**raw, "text_encoders": tuple(raw["text_encoders"])})
+    configs = components.PipelineConfigs(**{**raw, "text_encoders": tuple(raw["text_encoders"])})
     tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(workdir, name))
-                  for _, name in P.TEXT_COMPONENTS[:len(configs.text_encoders)]]
+                  for _, name in folder.TEXT_COMPONENTS[:len(configs.text_encoders)]]
     return config, configs, tokenizers
 
 
 def abstract_state(config, configs, optimizer):
     """The TrainState's structure and shapes, computed without allocating it."""
-    shapes = {**P.pipeline_param_shapes(P.build_models(configs)), **training_head_shapes(config, configs)}
+    shapes = {**components.pipeline_param_shapes(components.build_models(configs)), **training_head_shapes(config, configs)}
     return jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), shapes)
 
 
-def restore_pipeline(workdir: str, use_ema: bool = True) -> P.Pipeline:
+def restore_pipeline(workdir: str, use_ema: bool = True) -> pipeline.Pipeline:
     """The newest checkpoint of a run as a `Pipeline` (EMA weights by default)."""
     config, configs, tokenizers = read_run(workdir)
     optimizer = step_lib.make_optimizer(config)
@@ -173,16 +173,16 @@ def restore_pipeline(workdir: str, use_ema: bool = True) -> P.Pipeline:
     ckpt.close()
     if state is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-    models = P.build_models(configs)
+    models = components.build_models(configs)
     params = {k: v for k, v in state.pipeline_params(use_ema).items() if k in COMPONENTS}
-    return P.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults), path=workdir)
+    return pipeline.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults), path=workdir)
 
 
 # VAE config fields that do not change what the weights mean.
 _VAE_CALIBRATION = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "_diffusers_version")
 
 
-def with_vae_decoder(pipe: P.Pipeline, donor: P.Pipeline, tolerance: float = 1e-5) -> P.Pipeline:
+def with_vae_decoder(pipe: pipeline.Pipeline, donor: pipeline.Pipeline, tolerance: float = 1e-5) -> pipeline.Pipeline:
     """`pipe` with the VAE weights of `donor`, a decoder-only fine-tune of the same VAE
     (`configs/shapes_vae.py:decoder`). The donor's encoder must be `pipe`'s (within `tolerance`): the
     U-Net was trained on that encoder's latent space. `pipe`'s latent calibration is kept."""
@@ -197,7 +197,7 @@ def with_vae_decoder(pipe: P.Pipeline, donor: P.Pipeline, tolerance: float = 1e-
         if worst > tolerance:
             raise ValueError(f"the donor VAE's {name} differs from the pipeline's by {worst:.3g} "
                              f"(> {tolerance}): only a decoder fine-tune keeps the latent space")
-    return P.Pipeline(pipe.models, {**pipe.params, "vae": theirs}, pipe.tokenizers, pipe.configs,
+    return pipeline.Pipeline(pipe.models, {**pipe.params, "vae": theirs}, pipe.tokenizers, pipe.configs,
                       pipe.defaults, path=pipe.path)
 
 
@@ -240,7 +240,7 @@ def _batch_fn(config, source, tokenizers, models, padded_batch_size=None):
                  "empty_ids": empty,
                  "weights": np.ones(per_host, np.float32)}
         if models.family.micro_conditioning:
-            batch["time_ids"] = P.micro_conditioning_ids(config.data.resolution, config.data.resolution, per_host)
+            batch["time_ids"] = sample.micro_conditioning_ids(config.data.resolution, config.data.resolution, per_host)
         batch = parallel.pad_rows(batch, rows)
         batch["weights"][per_host:] = 0.0
         return batch
@@ -270,16 +270,16 @@ def _save_samples(config, state, models, configs, tokenizers, batch, workdir, st
     out = os.path.join(workdir, "samples")
     params = state.pipeline_params(use_ema=True)
     if config.mode == "vae":
-        recon = P.decode(models, params["vae"], P.encode_images(models, params["vae"],
+        recon = sample.decode(models, params["vae"], sample.encode_images(models, params["vae"],
                                                                batch["images"][:8] / 2 + 0.5))
         grid = np.concatenate([batch["images"][:8] / 2 + 0.5, np.asarray(recon)], axis=2)
     else:
-        pipe = P.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults))
+        pipe = pipeline.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults))
         grid = pipe.generate(list(config.sample_prompts), seed=0)
     save_pngs(np.concatenate(list(grid), axis=0)[None], out, prefix=f"step_{step:07d}")
 
 
-def sharded_training(models: P.Models, params: dict, config, optimizer, mesh):
+def sharded_training(models: components.Models, params: dict, config, optimizer, mesh):
     """(state, train_step): a new TrainState laid out on `mesh` by the one sharding rule, and the
     jitted step that keeps it there (the state donated, the metrics replicated)."""
     # Born sharded: the state's layout comes from its shapes, then each leaf is placed once.
@@ -288,7 +288,7 @@ def sharded_training(models: P.Models, params: dict, config, optimizer, mesh):
     # (`pipeline_params` of the state's shardings is the shardings of the full params tree.)
     state = jax.jit(lambda p: step_lib.create_state(p, config, optimizer), out_shardings=shardings)(
         parallel.reshard(params, shardings.pipeline_params()))
-    replicated = parallel.NamedSharding(mesh, parallel.P())
+    replicated = parallel.replicated(mesh)
     train_step = jax.jit(step_lib.make_train_step(models, config, optimizer), donate_argnums=(0,),
                          out_shardings=(shardings, replicated))
     return state, train_step
@@ -312,7 +312,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         configs = calibrate_scaling_factor(configs, params["vae"], source, config)
     if jax.process_index() == 0 and not run_exists:
         _write_run_files(workdir, config, configs, tokenizers)
-    models = P.build_models(configs, dtype=jnp.dtype(config.train.compute_dtype))
+    models = components.build_models(configs, dtype=jnp.dtype(config.train.compute_dtype))
     optimizer = step_lib.make_optimizer(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     padded = padded_batch_size(config, mesh)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import pipeline as P
+from jaxdiff import components, sample
 from jaxdiff.models.contrastive import ContrastiveHeads, contrastive_loss
 from jaxdiff.sampling import schedules
 
@@ -153,7 +153,7 @@ def noised_and_target(latents, eps, alpha_cumprod, prediction_type: str):
     raise ValueError(f"cannot train prediction_type {prediction_type!r}")
 
 
-def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, alphas_cumprod):
+def diffusion_loss(models: components.Models, params: dict, batch: dict, keys, config, alphas_cumprod):
     """Per-example noise-prediction loss of the U-Net on VAE latents of `batch["images"]` (in [-1, 1]),
     or of `batch["posterior"]` (the VAE posterior's mean and std concatenated on channels, cached by
     `train.cache_latents`); `keys`: one PRNG key per row (`example_keys`)."""
@@ -162,22 +162,22 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, al
     if "posterior" in batch:
         mean, std = jnp.split(batch["posterior"], 2, axis=-1)
     else:
-        mean, std = P.posterior(models, params["vae"], batch["images"] / 2 + 0.5)
+        mean, std = sample.posterior(models, params["vae"], batch["images"] / 2 + 0.5)
     mean, std = jax.lax.stop_gradient((mean, std))
     if t_cfg.sample_posterior:
         mean = mean + std * _per_example(jax.random.normal, k_lat, mean.shape[1:])
-    latents = P.scale_latents(models, mean)
+    latents = sample.scale_latents(models, mean)
 
     # Caption dropout: swap in the empty prompt so the same U-Net learns the unconditional model.
     drop = _per_example(jax.random.uniform, k_drop) < t_cfg.caption_dropout
     ids = tuple(jnp.where(drop[:, None], e, i) for i, e in zip(batch["ids"], batch["empty_ids"]))
-    cond = P.encode_prompt(models, params["text_encoders"], ids, batch.get("time_ids"))
+    cond = sample.encode_prompt(models, params["text_encoders"], ids, batch.get("time_ids"))
 
     t = sample_timesteps(k_t, t_cfg, alphas_cumprod.shape[0])
     ac = alphas_cumprod[t][:, None, None, None]
     eps = _per_example(jax.random.normal, k_eps, latents.shape[1:])
     noisy, target = noised_and_target(latents, eps, ac, models.prediction_type)
-    pred = P.apply_unet(models, params["unet"], noisy, t.astype(jnp.float32), cond).astype(jnp.float32)
+    pred = sample.apply_unet(models, params["unet"], noisy, t.astype(jnp.float32), cond).astype(jnp.float32)
     loss = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
     if t_cfg.min_snr_gamma:
         # Min-SNR-gamma (Hang et al. 2023): cap the weight of easy, low-noise timesteps.
@@ -190,7 +190,7 @@ def diffusion_loss(models: P.Models, params: dict, batch: dict, keys, config, al
     return {"loss": loss}
 
 
-def vae_loss(models: P.Models, params: dict, batch: dict, keys, config, redraw=None):
+def vae_loss(models: components.Models, params: dict, batch: dict, keys, config, redraw=None):
     """Per example: L1 + L2 reconstruction of images in [-1, 1], `edge_weight` x L1 of their spatial
     differences, and `kl_weight` x KL(q(z|x) || N(0, 1)). With `redraw` (`make_redraw`) the decoder
     reconstructs each image from the U-Net's redrawing of its latents instead of the latents.
@@ -217,7 +217,7 @@ def vae_loss(models: P.Models, params: dict, batch: dict, keys, config, redraw=N
     return {"loss": loss, "l1": l1, "l2": l2, "edge": edge, "kl": kl}
 
 
-def make_redraw(models: P.Models, config) -> Callable | None:
+def make_redraw(models: components.Models, config) -> Callable | None:
     """`redraw(params, latents, batch, keys) -> latents`, or None when `train.redraw_strengths` is empty.
 
     Why: the U-Net's latents are not the encoder's. Redrawn from noise, and even from a real image's
@@ -241,25 +241,25 @@ def make_redraw(models: P.Models, config) -> Callable | None:
     tails = [None if s == 0 else schedules.img2img_tail(full, s) for s in strengths]
 
     def redraw(params, latents, batch, keys):
-        x = P.scale_latents(models, latents)
+        x = sample.scale_latents(models, latents)
         noise = _per_example(jax.random.normal, keys, x.shape[1:])
-        cond = P.encode_prompt(models, params["text_encoders"], batch["ids"], batch.get("time_ids"))
-        uncond = P.encode_prompt(models, params["text_encoders"], batch["empty_ids"], batch.get("time_ids"))
+        cond = sample.encode_prompt(models, params["text_encoders"], batch["ids"], batch.get("time_ids"))
+        uncond = sample.encode_prompt(models, params["text_encoders"], batch["empty_ids"], batch.get("time_ids"))
 
         def branch(tail):
             if tail is None:
                 return lambda x: x
-            return lambda x: P.denoise(models, params["unet"], x + tail.sigmas[0] * noise, cond, uncond,
+            return lambda x: sample.denoise(models, params["unet"], x + tail.sigmas[0] * noise, cond, uncond,
                                        defaults["guidance_scale"], tail, defaults["sampler"], keys[0])
 
         which = jax.random.randint(keys[0], (), 0, len(tails))
         redrawn = jax.lax.switch(which, [branch(t) for t in tails], x)
-        return P.unscale_latents(models, jax.lax.stop_gradient(redrawn))  # (no gradient through sampling)
+        return sample.unscale_latents(models, jax.lax.stop_gradient(redrawn))  # (no gradient through sampling)
 
     return redraw
 
 
-def clip_loss(models: P.Models, heads: ContrastiveHeads, params: dict, batch: dict):
+def clip_loss(models: components.Models, heads: ContrastiveHeads, params: dict, batch: dict):
     """Per example: CLIP's symmetric contrastive loss of `batch["images"]` against their captions
     (the first text encoder's EOS state), the batch's other rows as negatives; `batch["weights"]` 0
     marks padding rows, which are nobody's negative."""
@@ -269,7 +269,7 @@ def clip_loss(models: P.Models, heads: ContrastiveHeads, params: dict, batch: di
     return {"loss": loss, "logit_scale": jnp.broadcast_to(scale, loss.shape)}
 
 
-def make_objective(models: P.Models, config) -> Callable:
+def make_objective(models: components.Models, config) -> Callable:
     """`objective(params, batch, keys) -> {"loss": [B], ...}`: the per-example loss of `config.mode`
     (`batch["weights"]` is 0 on padding rows)."""
     redraw = make_redraw(models, config)  # (raises for a mode other than "vae")
@@ -284,7 +284,7 @@ def make_objective(models: P.Models, config) -> Callable:
     trained_components(config)  # raises, naming the mode
 
 
-def make_train_step(models: P.Models, config, optimizer) -> Callable:
+def make_train_step(models: components.Models, config, optimizer) -> Callable:
     """`train_step(state, batch, rng) -> (state, metrics)`, pure; jit it (donating the state)."""
     objective = make_objective(models, config)
     accum = config.train.grad_accum_steps

@@ -24,11 +24,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
-from jaxdiff import pipeline as pipeline_lib
+from jaxdiff import components
+from jaxdiff.components import Models, PipelineConfigs
 from jaxdiff.models import clip
+from jaxdiff.models.params import param_shapes
 from jaxdiff.sampling import schedules
-from jaxdiff.weights.convert import WeightError
-from jaxdiff.weights.diffusers import save_component, write_json
+from jaxdiff.weights import safetensors
+from jaxdiff.weights.convert import WeightError, to_state_dict
+from jaxdiff.weights.folder import JAXDIFF_DEFAULTS_FILE, TEXT_COMPONENTS, write_json
 
 # Written when the library that would read a field is not installed here.
 FALLBACK_VERSIONS = {"diffusers": "0.30.0", "transformers": "4.44.0"}
@@ -44,7 +47,15 @@ def _version(package: str) -> str:
 
 
 def _is_xl(pipeline_class: str) -> bool:
-    return pipeline_lib.family_of(pipeline_class) is pipeline_lib.FAMILIES["StableDiffusionXLPipeline"]
+    return components.family_of(pipeline_class) is components.FAMILIES["StableDiffusionXLPipeline"]
+
+
+def save_component(folder: str, config: Mapping, params, weights_name: str) -> None:
+    """Writes `config.json` and the params as torch-named float32 safetensors."""
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "config.json"), config)
+    tensors = {k: np.asarray(v, np.float32) for k, v in to_state_dict(params).items()}
+    safetensors.write_safetensors(os.path.join(folder, weights_name), tensors)
 
 
 def diffusers_config(config: Mapping, class_name: str) -> dict:
@@ -85,7 +96,7 @@ def scheduler_config(config: Mapping, defaults: Mapping | None) -> dict:
     return {"_diffusers_version": _version("diffusers"), **config}
 
 
-def model_index(configs: pipeline_lib.PipelineConfigs, text_classes: Sequence[str],
+def model_index(configs: PipelineConfigs, text_classes: Sequence[str],
                 tokenizers: Sequence, scheduler_class: str) -> dict:
     """`model_index.json`: the pipeline class and the library and class of every component."""
     index = {"_class_name": configs.pipeline_class, "_diffusers_version": _version("diffusers"),
@@ -93,7 +104,7 @@ def model_index(configs: pipeline_lib.PipelineConfigs, text_classes: Sequence[st
              "scheduler": ["diffusers", scheduler_class],
              # Optional components this pipeline does not have, named so diffusers does not look.
              "feature_extractor": [None, None], "image_encoder": [None, None]}
-    for (encoder, tokenizer_name), cls, tokenizer in zip(pipeline_lib.TEXT_COMPONENTS, text_classes,
+    for (encoder, tokenizer_name), cls, tokenizer in zip(TEXT_COMPONENTS, text_classes,
                                                          tokenizers):
         index[encoder] = ["transformers", cls]
         index[tokenizer_name] = ["transformers", type(tokenizer).__name__]
@@ -106,7 +117,7 @@ def model_index(configs: pipeline_lib.PipelineConfigs, text_classes: Sequence[st
     return index
 
 
-def check_params(models: pipeline_lib.Models, params) -> None:
+def check_params(models: Models, params) -> None:
     """Raises `WeightError` unless every component's params fit the module its config builds."""
     encoders, given = models.text_encoders, params["text_encoders"]
     if len(given) != len(encoders):
@@ -114,7 +125,7 @@ def check_params(models: pipeline_lib.Models, params) -> None:
     parts = [("unet", models.unet, params["unet"]), ("vae", models.vae, params["vae"])]
     parts += [(f"text_encoders[{i}]", m, p) for i, (m, p) in enumerate(zip(encoders, given))]
     for what, module, tree in parts:
-        want = traverse_util.flatten_dict(dict(pipeline_lib.param_shapes(module)))
+        want = traverse_util.flatten_dict(dict(param_shapes(module)))
         got = traverse_util.flatten_dict(dict(tree))
         bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k].shape != np.shape(got[k])]
         if bad:
@@ -125,10 +136,10 @@ def check_params(models: pipeline_lib.Models, params) -> None:
             raise WeightError(f"{what} params do not fit its config: {detail}")
 
 
-def write_folder(folder: str, configs: pipeline_lib.PipelineConfigs, params, tokenizers: Sequence,
+def write_folder(folder: str, configs: PipelineConfigs, params, tokenizers: Sequence,
                  defaults: Mapping | None) -> None:
     """Writes every file of the pipeline into the existing, empty `folder`."""
-    models = pipeline_lib.build_models(configs)
+    models = components.build_models(configs)
     check_params(models, params)
     if len(tokenizers) != len(models.text_encoders):
         raise ValueError(f"{len(tokenizers)} tokenizers for {len(models.text_encoders)} text encoders")
@@ -137,7 +148,7 @@ def write_folder(folder: str, configs: pipeline_lib.PipelineConfigs, params, tok
     save_component(os.path.join(folder, "vae"), diffusers_config(configs.vae, "AutoencoderKL"),
                    params["vae"], UNET_WEIGHTS)
     for (encoder, tokenizer_name), config, model, p, tokenizer in zip(
-            pipeline_lib.TEXT_COMPONENTS, configs.text_encoders, models.text_encoders,
+            TEXT_COMPONENTS, configs.text_encoders, models.text_encoders,
             params["text_encoders"], tokenizers):
         save_component(os.path.join(folder, encoder), text_encoder_config(config, model, tokenizer),
                        p, TEXT_WEIGHTS)
@@ -149,7 +160,7 @@ def write_folder(folder: str, configs: pipeline_lib.PipelineConfigs, params, tok
     write_json(os.path.join(folder, "model_index.json"),
                model_index(configs, text_classes, tokenizers, scheduler["_class_name"]))
     if defaults is not None:
-        write_json(os.path.join(folder, pipeline_lib.JAXDIFF_DEFAULTS_FILE), defaults)
+        write_json(os.path.join(folder, JAXDIFF_DEFAULTS_FILE), defaults)
 
 
 def _check_target(path: str, overwrite: bool) -> None:
@@ -181,7 +192,7 @@ def _move_into_place(staged: str, path: str, overwrite: bool) -> None:
         os.rmdir(old)
 
 
-def save_pipeline(path: str, configs: pipeline_lib.PipelineConfigs, params, tokenizers: Sequence,
+def save_pipeline(path: str, configs: PipelineConfigs, params, tokenizers: Sequence,
                   defaults: Mapping | None = None, *, overwrite: bool = False) -> str:
     """Writes a diffusers pipeline folder at `path` (and `jaxdiff.json` with `defaults`); returns `path`.
 
@@ -201,7 +212,7 @@ def save_pipeline(path: str, configs: pipeline_lib.PipelineConfigs, params, toke
     return path
 
 
-def save(pipe: pipeline_lib.Pipeline, path: str, *, overwrite: bool = False) -> str:
-    """Writes a `Pipeline` (loaded or trained) with its configs, params, tokenizers and defaults."""
+def save(pipe, path: str, *, overwrite: bool = False) -> str:
+    """Writes a `pipeline.Pipeline` (loaded or trained) with its configs, params, tokenizers and defaults."""
     return save_pipeline(path, pipe.configs, pipe.params, pipe.tokenizers, pipe.defaults,
                          overwrite=overwrite)

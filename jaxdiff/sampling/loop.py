@@ -1,4 +1,5 @@
-"""The denoiser wrapper (discrete eps / v model -> x0 in sigma space) and the one shared sampling loop."""
+"""The one sampling loop: `denoiser` turns a discrete eps / v model into x0 in sigma space once, and
+`run` scans any sampler of `samplers` over a schedule's sigmas with it."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def denoiser(model_fn: Callable, prediction_type: str) -> Callable:
     return denoise_fn
 
 
-def sample(denoise_fn: Callable, noise, sched, sampler: str, key=None) -> jax.Array:
+def run(denoise_fn: Callable, noise, sched, sampler: str, key=None) -> jax.Array:
     """Unit-variance noise [B, h, w, c] -> latents (diffusers' final `sample`), float32.
 
     One `lax.scan` over the steps of `sched` (a schedules.Schedule made for the same `sampler`).
@@ -53,8 +54,8 @@ def sample(denoise_fn: Callable, noise, sched, sampler: str, key=None) -> jax.Ar
     return _loop(denoise_fn, x, sched, s, draw, None)
 
 
-def sample_with_noise(denoise_fn: Callable, noise, sched, sampler: str, step_noise) -> jax.Array:
-    """`sample`, but step i uses step_noise[i] ([num_steps, *noise.shape]) as its fresh noise:
+def run_with_noise(denoise_fn: Callable, noise, sched, sampler: str, step_noise) -> jax.Array:
+    """`run`, but step i uses step_noise[i] ([num_steps, *noise.shape]) as its fresh noise:
     replays another implementation's random draws (e.g. diffusers' torch Generator)."""
     s = samplers.get(sampler)
     x = jnp.asarray(noise, jnp.float32)
