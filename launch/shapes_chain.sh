@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Usage: launch/shapes_chain.sh RUNS_DIR [main.py train flags for every stage...]
 #
-# The bundled shapes model from scratch, the chain of README "Training": the VAE, the CLIP text
+# The bundled shapes model from scratch, the chain of docs/training.md: the VAE, the CLIP text
 # encoder, three U-Net stages at batch 64, two at batch 256 and one at batch 128 with a lower learning
 # rate, each stage starting from the last one's export; the VAE's decoder fitted to that U-Net's
 # latents; then `main.py eval` on 1000 captions. The data

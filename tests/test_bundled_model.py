@@ -41,7 +41,7 @@ def test_cli_generate_without_model_writes_png(tmp_path):
 def test_bundled_model_follows_prompts(bundled):
     """A regression guard on a small sample, below what the shipped model measures on it (0.92 overall,
     1.0 single on these 48 captions): a broken load or sampler scores ~0. 48 captions are too few to
-    check the issue's target (0.95); `main.py eval --n 1000` does (README, "Status")."""
+    check the 0.95 target; `jaxdiff eval --n 1000` does (the model card's scores)."""
     scores, _, _ = prompt_adherence.evaluate(bundled, n=48, seed=123)
     assert scores["overall"] >= 0.7 and scores["single"] >= 0.8, scores
 
