@@ -11,6 +11,7 @@ guidance scale are traced values: changing them never recompiles. The math itsel
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import components, parallel, sample, text
+from jaxdiff import components, limits, parallel, sample, text
 from jaxdiff.components import Models, PipelineConfigs
 from jaxdiff.sample import GenerateInputs
 from jaxdiff.sampling import schedules
@@ -32,6 +33,39 @@ BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets
 encode_prompt, denoise, decode, generate = sample.encode_prompt, sample.denoise, sample.decode, sample.generate
 # The fields of GenerateInputs with a leading batch axis.
 BATCH_FIELDS = ("ids", "uncond_ids", "noise", "time_ids")
+SEED_RANGE = (-2 ** 63, 2 ** 63)  # what jax.random.key takes
+
+
+class NonFiniteImageError(ValueError):
+    """A generation gave NaN or infinite pixels (a model's weights or an input out of range)."""
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"seed must be in [-2**63, 2**63), got {seed}")
+    return int(seed)
+
+
+def check_finite_number(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def check_finite_images(images: np.ndarray) -> np.ndarray:
+    """Raises `NonFiniteImageError` naming the images [B, H, W, 3] that hold NaN or inf pixels."""
+    bad = [i for i, image in enumerate(images) if not np.isfinite(image).all()]
+    if bad:
+        raise NonFiniteImageError(
+            f"image(s) {', '.join(map(str, bad))} of {len(images)} came out NaN or infinite: the model "
+            "diverged on these inputs (NaN weights, extreme latents or guidance); nothing was written")
+    return images
 
 
 class Pipeline:
@@ -59,9 +93,10 @@ class Pipeline:
 
     def prepare(self, prompts, negative_prompts=None, height=None, width=None, steps=None,
                 guidance_scale=None, sampler=None, seed=0, latents=None,
-                num_images_per_prompt: int = 1,
-                guidance_rescale=None) -> tuple[GenerateInputs, str, bool]:
+                num_images_per_prompt: int = 1, guidance_rescale=None,
+                max_pixels: int | None = limits.DEFAULT_MAX_PIXELS) -> tuple[GenerateInputs, str, bool]:
         """Validates and tokenizes on the host: the arguments of `generate` for these settings."""
+        seed = check_seed(seed)
         prompts = text.as_prompt_list(prompts)
         if negative_prompts is None:
             negatives = [""] * len(prompts)
@@ -72,7 +107,8 @@ class Pipeline:
             if len(negatives) != len(prompts):
                 raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
                                  "give one per prompt, a single string, or None")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
@@ -82,11 +118,13 @@ class Pipeline:
         if sampler not in schedules.SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(schedules.SAMPLER_NAMES)}")
         steps = self.defaults["steps"] if steps is None else steps
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
-        guidance_scale = self.defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        guidance_rescale = float(self.defaults.get("guidance_rescale", 0.0) if guidance_rescale is None
-                                 else guidance_rescale)
+        guidance_scale = check_finite_number(
+            "guidance_scale", self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        guidance_rescale = check_finite_number(
+            "guidance_rescale",
+            self.defaults.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale)
         if not 0.0 <= guidance_rescale <= 1.0:  # also refuses NaN
             raise ValueError(f"guidance_rescale must be in [0, 1] (0: off; 0.7 is the paper's value), "
                              f"got {guidance_rescale!r}")
@@ -97,15 +135,22 @@ class Pipeline:
             latents = np.asarray(latents, np.float32)
             if latents.ndim != 4:
                 raise ValueError(f"latents must be NHWC [B, H/{f}, W/{f}, {c}], got shape {latents.shape}")
+            if not np.isfinite(latents).all():
+                raise ValueError(f"latents hold {int(np.size(latents) - np.isfinite(latents).sum())} NaN or "
+                                 "infinite values; give finite unit-variance noise")
             height = latents.shape[1] * f if height is None else height
             width = latents.shape[2] * f if width is None else width
         default_h, default_w = self.default_size()
         height = default_h if height is None else height
         width = default_w if width is None else width
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
                 raise ValueError(f"{name} must be a positive multiple of {f} (the VAE's downscale "
                                  f"factor), got {v!r}")
+        height, width = int(height), int(width)
+        # diffusers skips the unconditional pass when guidance_scale <= 1.
+        guidance = guidance_scale > 1.0
+        limits.check_request(self.configs, batch, height, width, guidance, self.mesh.size, max_pixels)
         shape = (batch, height // f, width // f, c)
         if latents is None:
             keys = jax.random.split(jax.random.key(seed), batch)
@@ -131,13 +176,17 @@ class Pipeline:
             time_ids=time_ids,
             key=jax.random.fold_in(jax.random.key(seed), 1),
         )
-        # diffusers skips the unconditional pass when guidance_scale <= 1.
-        return inputs, sampler, guidance_scale > 1.0
+        return inputs, sampler, guidance
 
     def generate(self, prompts, negative_prompts=None, height=None, width=None, steps=None,
                  guidance_scale=None, sampler=None, seed=0, latents=None,
-                 num_images_per_prompt: int = 1, guidance_rescale=None) -> np.ndarray:
+                 num_images_per_prompt: int = 1, guidance_rescale=None,
+                 max_pixels: int | None = limits.DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Images [B, H, W, 3] float32 in [0, 1] for `prompts` (a string or a list).
+
+        Bad arguments raise ValueError naming them (an unknown sampler, a size not divisible by 8, a
+        non-finite guidance scale, a request over `max_pixels` per image or too big for the device's
+        memory); images that come out NaN raise `NonFiniteImageError` naming them.
 
         `guidance_rescale` in [0, 1] is diffusers' (see `sample.guided_model`); None: the folder's default, or 0.
 
@@ -146,14 +195,14 @@ class Pipeline:
         """
         inputs, sampler, guidance = self.prepare(
             prompts, negative_prompts, height, width, steps, guidance_scale, sampler, seed, latents,
-            num_images_per_prompt, guidance_rescale)
+            num_images_per_prompt, guidance_rescale, max_pixels)
         n = inputs.noise.shape[0]
         # The pad repeats the last example; it is computed, then dropped.
         size = parallel.pad_batch(n, self.mesh)
         inputs = self._place(inputs._replace(**{k: parallel.pad_rows(getattr(inputs, k), size)
                                                 for k in BATCH_FIELDS}))
         images = self._generate(self.params, inputs, sampler=sampler, guidance=guidance)
-        return np.asarray(images[:n], np.float32)
+        return check_finite_images(np.asarray(images[:n], np.float32))
 
     def _place(self, inputs: GenerateInputs) -> GenerateInputs:
         """Batch leaves split over the mesh's batch axes; everything else replicated (each put once)."""

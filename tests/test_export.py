@@ -188,9 +188,54 @@ def test_refuses_to_overwrite_a_non_empty_folder(jaxdiff_pipeline, tmp_path):
         export.save(pipe, str(out))
     assert os.listdir(out) == ["notes.txt"] and not _leftovers(str(out))
 
+    # overwrite replaces only a folder an export wrote: never files of someone else's.
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        export.save(pipe, str(out), overwrite=True)
+    assert os.listdir(out) == ["notes.txt"] and not _leftovers(str(out))
+
+    (out / "notes.txt").unlink()
+    export.save(pipe, str(out))
     export.save(pipe, str(out), overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "model_index.json").exists()
-    assert not _leftovers(str(out))
+    assert (out / "model_index.json").exists() and not _leftovers(str(out))
+
+
+@pytest.mark.parametrize("where", ["itself", "its parent"])
+def test_never_exports_over_its_source(jaxdiff_pipeline, pipeline_dir, tmp_path, where):
+    """`jaxdiff export RUN RUN --overwrite` once replaced the run with the export."""
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(pipeline_dir("sd1"), source)
+    pipe = jaxdiff.load(str(source))
+    before = sorted(p.name for p in source.rglob("*"))
+    target = source if where == "itself" else tmp_path
+    with pytest.raises(FileExistsError, match="model being exported"):
+        export.save(pipe, str(target), overwrite=True)
+    assert sorted(p.name for p in source.rglob("*")) == before
+
+
+def test_a_killed_export_leaves_nothing_behind_on_the_next_run(jaxdiff_pipeline, tmp_path):
+    pipe = jaxdiff_pipeline("sd1")
+    out = tmp_path / "out"
+    killed = tmp_path / ".out.partial-deadbeef"  # what an export killed before its rename leaves
+    (killed / "unet").mkdir(parents=True)
+    export.save(pipe, str(out))
+    assert not killed.exists() and not _leftovers(str(out))
+
+
+@pytest.mark.parametrize("defaults, field", [
+    ({"sampler": "euler", "steps": 2, "guidance_scale": float("nan")}, "guidance_scale"),
+    ({"sampler": "euler", "steps": 2, "guidance_scale": float("inf")}, "guidance_scale"),
+    ({"sampler": "euler", "steps": 0, "guidance_scale": 2.0}, "steps"),
+    ({"sampler": "eular", "steps": 2, "guidance_scale": 2.0}, "eular"),
+    ({"sampler": "euler", "steps": 2, "guidance_scale": 2.0, "guidance_rescale": float("nan")},
+     "guidance_rescale"),
+])
+def test_refuses_defaults_that_are_not_finite_or_known(jaxdiff_pipeline, tmp_path, defaults, field):
+    pipe = jaxdiff_pipeline("sd1")
+    with pytest.raises(ValueError, match=field):
+        export.save_pipeline(str(tmp_path / "out"), pipe.configs, pipe.params, pipe.tokenizers, defaults)
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_failed_save_leaves_nothing(jaxdiff_pipeline, tmp_path, monkeypatch):

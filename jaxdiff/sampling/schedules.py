@@ -133,7 +133,35 @@ def make_schedule(sampler: str, scheduler_config: Mapping, num_steps: int) -> Sc
     cfg = resolve_config(sampler, scheduler_config)
     if cfg.get("thresholding"):
         raise NotImplementedError("dynamic thresholding (thresholding=True) is not supported")
-    return _BUILDERS[cls](cfg, int(num_steps))
+    n, T = int(num_steps), int(cfg["num_train_timesteps"])
+    # diffusers' DDIM/DDPM/PNDM refuse this themselves; its DPM-Solver would repeat timesteps and
+    # divide by a zero step (NaN images), and Euler would only repeat model calls.
+    if n > T:
+        raise ValueError(f"{sampler}: steps={n} cannot exceed the {T} timesteps the model was trained "
+                         "on (num_train_timesteps)")
+    # Timesteps past the last trained one index out of the noise schedule ('leading' spacing with
+    # steps_offset at about T steps).
+    spacing = _spaced(cfg, n, linspace_round=True)
+    if spacing.max() >= T or spacing.min() < 0:
+        _bad_steps(sampler, n, cfg, "put a timestep outside the model's 0..{}".format(T - 1))
+    sched = _BUILDERS[cls](cfg, n)
+    _check_schedule(sampler, n, sched, cfg)
+    return sched
+
+
+def _bad_steps(sampler: str, n: int, cfg, what: str):
+    raise ValueError(f"{sampler}: {n} steps {what} with this scheduler config (timestep_spacing="
+                     f"{cfg['timestep_spacing']!r}, steps_offset={cfg.get('steps_offset')}); use fewer steps")
+
+
+def _check_schedule(sampler: str, n: int, sched: Schedule, cfg) -> None:
+    """A schedule of n steps each of which moves to a lower noise level: a repeated sigma is a
+    zero-length step (a division by zero in the multistep solvers)."""
+    sigmas = np.asarray(sched.sigmas, np.float64)
+    if len(sched.timesteps) != n or not np.isfinite(sigmas).all():
+        _bad_steps(sampler, n, cfg, f"give a malformed schedule ({len(sched.timesteps)} timesteps)")
+    if n > 1 and np.any(np.diff(sigmas[:n]) >= 0):
+        _bad_steps(sampler, n, cfg, "repeat a noise level")
 
 
 def img2img_tail(sched: Schedule, strength: float) -> Schedule:

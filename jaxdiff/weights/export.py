@@ -9,13 +9,17 @@ scratch) get what the libraries need to load them: class names, versions, the te
 text encoders under the hub's `text_model.` prefix, which every transformers version loads.
 
 The folder is written into a hidden sibling and renamed into place at the end, so a crash leaves
-no half-written model at `path`; a non-empty `path` is only replaced with `overwrite=True`.
+no half-written model at `path` (and the next export to `path` removes what a killed one left). A
+non-empty `path` is only replaced with `overwrite=True`, and only when it is a pipeline folder that
+an export wrote: never a training run, the model being exported, or a folder holding it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.metadata
+import math
 import os
 import shutil
 import uuid
@@ -163,12 +167,51 @@ def write_folder(folder: str, configs: PipelineConfigs, params, tokenizers: Sequ
         write_json(os.path.join(folder, JAXDIFF_DEFAULTS_FILE), defaults)
 
 
-def _check_target(path: str, overwrite: bool) -> None:
+# What `write_folder` puts in a pipeline folder: `overwrite` replaces a folder holding nothing else.
+EXPORTED_ENTRIES = frozenset({"model_index.json", JAXDIFF_DEFAULTS_FILE, "unet", "vae", "scheduler",
+                              "README.md"} | {name for pair in TEXT_COMPONENTS for name in pair})
+
+
+def _check_target(path: str, overwrite: bool, source: str | None = None) -> None:
     if os.path.lexists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is not a folder")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; pass overwrite=True (main.py export --overwrite) "
+    if source is not None:
+        target, origin = os.path.realpath(path), os.path.realpath(source)
+        if origin == target or origin.startswith(target + os.sep):
+            raise FileExistsError(f"cannot export into {path}: it is or holds the model being exported "
+                                  f"({source}); choose another folder")
+    if not (os.path.isdir(path) and os.listdir(path)):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} is not empty; pass overwrite=True (jaxdiff export --overwrite) "
                               "to replace it")
+    foreign = sorted(set(os.listdir(path)) - EXPORTED_ENTRIES)
+    if foreign or not os.path.exists(os.path.join(path, "model_index.json")):
+        raise FileExistsError(f"{path} is not a pipeline folder an export wrote (it holds "
+                              f"{', '.join(foreign[:4]) or 'no model_index.json'}); overwrite only "
+                              "replaces those; choose another folder")
+
+
+def check_defaults(defaults: Mapping) -> None:
+    """Raises ValueError for defaults a folder must not carry: non-finite or mistyped numbers."""
+    for key in ("guidance_scale", "guidance_rescale"):
+        value = defaults.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"default {key} must be a finite number, got {value!r}")
+    steps = defaults.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"default steps must be a positive int, got {steps!r}")
+    sampler = defaults.get("sampler")
+    if sampler is not None and sampler not in schedules.SAMPLER_NAMES:
+        raise ValueError(f"unknown default sampler {sampler!r}; choose one of {', '.join(schedules.SAMPLER_NAMES)}")
+
+
+def _remove_leftovers(path: str) -> None:
+    """Staging folders of earlier exports to `path` that were killed before their rename."""
+    parent, name = os.path.split(os.path.abspath(path))
+    for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.partial-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _sibling(path: str, tag: str) -> str:
@@ -193,18 +236,23 @@ def _move_into_place(staged: str, path: str, overwrite: bool) -> None:
 
 
 def save_pipeline(path: str, configs: PipelineConfigs, params, tokenizers: Sequence,
-                  defaults: Mapping | None = None, *, overwrite: bool = False) -> str:
+                  defaults: Mapping | None = None, *, overwrite: bool = False,
+                  source: str | None = None) -> str:
     """Writes a diffusers pipeline folder at `path` (and `jaxdiff.json` with `defaults`); returns `path`.
 
     `params` is `{"text_encoders": (...), "unet": ..., "vae": ...}` as `init_params` and `load` give.
+    `source`, the folder or run the params came from, is never replaced or written into.
     """
-    _check_target(path, overwrite)
+    _check_target(path, overwrite, source)
+    if defaults is not None:
+        check_defaults(defaults)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _remove_leftovers(path)
     staged = _sibling(path, "partial")
     os.mkdir(staged)  # not mkdtemp: its 0o700 mode would survive the rename
     try:
         write_folder(staged, configs, params, tokenizers, defaults)
-        _check_target(path, overwrite)  # again: something may have been written there meanwhile
+        _check_target(path, overwrite, source)  # again: something may have been written there meanwhile
         _move_into_place(staged, path, overwrite)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -215,4 +263,4 @@ def save_pipeline(path: str, configs: PipelineConfigs, params, tokenizers: Seque
 def save(pipe, path: str, *, overwrite: bool = False) -> str:
     """Writes a `pipeline.Pipeline` (loaded or trained) with its configs, params, tokenizers and defaults."""
     return save_pipeline(path, pipe.configs, pipe.params, pipe.tokenizers, pipe.defaults,
-                         overwrite=overwrite)
+                         overwrite=overwrite, source=pipe.path)
