@@ -46,6 +46,17 @@ IGNORED_TENSORS = (r"\.position_ids$",)
 
 
 def _loop_error(path: str) -> ValueError:
+    """The error for a path that hits a symbolic link loop, naming the link that loops (`path` itself,
+    or the folder above it that is the loop)."""
+    parts = os.path.normpath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        prefix = os.sep.join(parts[:i]) or os.sep
+        try:
+            os.stat(prefix)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                path = prefix
+            break
     return ValueError(f"{path} is a symbolic link loop (it resolves back to itself)")
 
 
@@ -152,8 +163,9 @@ def check_finite(tensors: Mapping[str, np.ndarray], where: str) -> None:
         array = np.asarray(array)
         if array.dtype not in safetensors.FLOAT_DTYPES or not array.size:
             continue
-        if np.isfinite(np.sum(array, dtype=np.float64)):
-            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.sum(array, dtype=np.float64)):
+                continue
         values = array.astype(np.float32) if array.dtype.itemsize < 4 else array
         nan = int(np.count_nonzero(np.isnan(values)))
         inf = int(np.count_nonzero(np.isinf(values)))
@@ -231,6 +243,9 @@ def _component(index: dict, name: str) -> str | None:
 
 # The model_index.json entries jaxdiff reads, each a [library, class] pair.
 INDEX_COMPONENTS = ("unet", "vae", "scheduler") + tuple(n for pair in TEXT_COMPONENTS for n in pair)
+INDEX_EXAMPLES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
 # Each component's config defaults (what its fields' types are checked against) and class name.
 CONFIG_DEFAULTS = {
     "UNet2DConditionModel": unet_module._DEFAULTS,
@@ -252,11 +267,11 @@ def check_index(index: dict, where: str) -> None:
         if entry is not None and not (isinstance(entry, list) and len(entry) == 2 and all(
                 v is None or isinstance(v, str) for v in entry)):
             raise ValueError(f"{where}: {name!r} must be a [library, class] list such as "
-                             f'["diffusers", "UNet2DConditionModel"], got {entry!r}')
+                             f"{json.dumps(INDEX_EXAMPLES[name.removesuffix('_2')])}, got {entry!r}")
     for name in ("unet", "vae"):
         if _component(index, name) is None:
             raise ValueError(f"{where}: names no {name} (expected e.g. \"{name}\": "
-                             f"[\"diffusers\", \"{'UNet2DConditionModel' if name == 'unet' else 'AutoencoderKL'}\"])")
+                             f"{json.dumps(INDEX_EXAMPLES[name])})")
 
 
 def read_component_config(path: str, name: str, cls: str) -> dict:

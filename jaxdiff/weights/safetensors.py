@@ -151,7 +151,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise WeightError(f"{path} is a directory, not a safetensors file") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, f"{path} is a symbolic link loop") from None
+            raise WeightError(f"{path} is a symbolic link loop (it resolves back to itself)") from None
         raise
     if len(mm) != size:  # the file changed under us
         raise WeightError(f"{path}: the file changed size while being read")
