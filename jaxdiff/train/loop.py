@@ -8,7 +8,14 @@ A run's workdir holds everything needed to resume or export it:
   metrics.csv          scalars per logged step (plot with any CSV tool)
   samples/             images at intervals
 Restarting the same command resumes from the newest checkpoint; the batch and the random key of a
-step depend only on (seed, step), so a resumed run is bit-identical to an uninterrupted one.
+step depend only on (seed, step), so a resumed run is bit-identical to an uninterrupted one, however it
+was stopped (kill -9 included): the run files are written whole or not at all (a temporary file or
+folder, then a rename), metrics.csv drops the rows after the step it resumes from, and a checkpoint
+that cannot be restored is named and set aside for the one before it.
+
+A run whose loss (seen every `log_every` steps) or state (checked before each checkpoint) turns
+non-finite stops with `step.TrainingDiverged`, naming the step; no non-finite state is ever saved, so
+the last checkpoint is the last finite one.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -30,10 +39,13 @@ from jaxdiff.images import save_pngs
 from jaxdiff.models import params as model_params
 from jaxdiff.models.contrastive import ContrastiveHeads
 from jaxdiff.train import data, step as step_lib
+from jaxdiff.train import checkpoint as checkpoint_lib
 from jaxdiff.train.checkpoint import Checkpointer
 from jaxdiff.weights import folder
 
 RUN_CONFIG, RUN_PIPELINE = "config.json", "pipeline.json"
+CHECKPOINTS = "checkpoints"
+_TMP_PREFIX = ".jaxdiff-tmp-"  # temporary files and folders in a run directory, renamed when whole
 COMPONENTS = ("text_encoders", "unet", "vae")  # the param subtrees of a pipeline
 INIT_COMPONENTS = COMPONENTS + ("scheduler",)  # what config.init may take from another model
 
@@ -127,31 +139,113 @@ def cache_posteriors(models: components.Models, vae_params, source, batch_size: 
     return data.ArraySource(np.concatenate(chunks), captions, field="posterior")
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Writes `text` to `path` whole or not at all: a temporary file beside it, synced, then renamed
+    over it (a process killed at any moment leaves the old file or the new one, never a part)."""
+    folder_, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder_, prefix=f"{_TMP_PREFIX}{name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_folder_atomically(path: str, write) -> None:
+    """`write(folder)` into a temporary folder beside `path`, then renamed to `path` (replacing it)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{_TMP_PREFIX}{name}.")
+    try:
+        write(tmp)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _write_run_files(workdir, config, configs, tokenizers):
+    """config.json, the tokenizers, then pipeline.json (whose presence marks a started run), each
+    written whole or not at all; leftovers of a start that was killed are removed first."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, RUN_PIPELINE), "w") as f:
-        json.dump(dataclasses.asdict(configs), f, indent=2)
+    for name in os.listdir(workdir):
+        if name.startswith(_TMP_PREFIX):
+            leftover = os.path.join(workdir, name)
+            shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
+    write_atomically(os.path.join(workdir, RUN_CONFIG), config.to_json_best_effort(indent=2))
     for tok, (_, name) in zip(tokenizers, folder.TEXT_COMPONENTS):
-        tok.save_pretrained(os.path.join(workdir, name))
+        _write_folder_atomically(os.path.join(workdir, name), tok.save_pretrained)
+    write_atomically(os.path.join(workdir, RUN_PIPELINE), json.dumps(dataclasses.asdict(configs), indent=2))
+
+
+def _read_run_json(path: str) -> dict:
+    """A run file's JSON object; a ValueError naming the file when it is empty, cut short or not an object."""
+    raw = b""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, OSError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        if isinstance(e, FileNotFoundError):
+            raise ValueError(f"{path} is missing (a run killed while starting?)") from None
+        what = "is empty" if isinstance(e, ValueError) and not raw.strip() else "is corrupt"
+        raise ValueError(f"{path} {what} (a run killed while starting?): {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is corrupt: a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def read_run(workdir: str):
-    """(config, configs, tokenizers) of an existing run directory."""
+    """(config, configs, tokenizers) of an existing run directory; FileNotFoundError when `workdir`
+    is no run directory, a ValueError naming the file when one of its files cannot be read."""
     from transformers import CLIPTokenizer
 
     path = os.path.join(workdir, RUN_CONFIG)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} is not a jaxdiff run directory (no {RUN_CONFIG})")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    with open(os.path.join(workdir, RUN_PIPELINE)) as f:
-        raw = json.load(f)
-    configs = components.PipelineConfigs(**{**raw, "text_encoders": tuple(raw["text_encoders"])})
-    tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(workdir, name))
-                  for _, name in folder.TEXT_COMPONENTS[:len(configs.text_encoders)]]
+    config = ml_collections.ConfigDict(_read_run_json(path))
+    path = os.path.join(workdir, RUN_PIPELINE)
+    raw = _read_run_json(path)
+    try:
+        configs = components.PipelineConfigs(**{**raw, "text_encoders": tuple(raw["text_encoders"])})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} is corrupt: not the configs of a pipeline ({type(e).__name__}: {e})") from None
+    tokenizers = []
+    for _, name in folder.TEXT_COMPONENTS[:len(configs.text_encoders)]:
+        try:
+            tokenizers.append(CLIPTokenizer.from_pretrained(os.path.join(workdir, name)))
+        except (OSError, ValueError, TypeError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise ValueError(f"{os.path.join(workdir, name)} cannot be read as a tokenizer "
+                             f"(a run killed while starting?): {reason}") from None
     return config, configs, tokenizers
+
+
+def _existing_run_configs(workdir: str):
+    """The pipeline configs of the run already in `workdir`, or None when there is none to resume.
+
+    Run files that cannot be read (a run of an older version killed while writing them) are written
+    afresh when no checkpoint needs them (with a warning); with checkpoints it is an error naming the file.
+    """
+    if not os.path.exists(os.path.join(workdir, RUN_PIPELINE)):
+        return None
+    try:
+        return read_run(workdir)[1]
+    except (ValueError, FileNotFoundError) as e:
+        steps = checkpoint_lib.saved_steps(os.path.join(workdir, CHECKPOINTS))
+        if steps:
+            raise ValueError(f"{e}; the checkpoints of {workdir} (steps {', '.join(map(str, steps))}) need "
+                             "it: restore it, or delete the folder to start the run over") from None
+        logging.warning("%s; %s has no checkpoint yet, so its run files are written afresh", e, workdir)
+        return None
 
 
 def abstract_state(config, configs, optimizer):
@@ -163,14 +257,18 @@ def abstract_state(config, configs, optimizer):
 def restore_pipeline(workdir: str, use_ema: bool = True) -> pipeline.Pipeline:
     """The newest checkpoint of a run as a `Pipeline` (EMA weights by default)."""
     config, configs, tokenizers = read_run(workdir)
+    if not checkpoint_lib.saved_steps(os.path.join(workdir, CHECKPOINTS)):
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     optimizer = step_lib.make_optimizer(config)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINTS), every=1, keep=1)
     # Onto this machine's devices, whatever mesh the run was saved from.
     abstract = abstract_state(config, configs, optimizer)
     shardings = parallel.shardings_for(abstract, parallel.make_mesh())
-    state = ckpt.restore_latest(jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
-    ckpt.close()
+    try:  # the newest checkpoint that restores (a damaged one is named, and the one before it tried)
+        state = ckpt.restore_latest(jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
+    finally:
+        ckpt.close()
     if state is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     models = components.build_models(configs)
@@ -202,17 +300,49 @@ def with_vae_decoder(pipe: pipeline.Pipeline, donor: pipeline.Pipeline, toleranc
 
 
 class MetricsLog:
-    """Appends scalars to `metrics.csv` (one row per logged step, columns fixed by the first)."""
+    """Appends scalars to `metrics.csv` (one row per logged step, columns fixed by the first).
+
+    `keep_until(step)` (a resume) drops the rows after `step`, which the run is about to write again,
+    and any row a kill cut short, so the file keeps one row per step however often the run stopped.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self.fields = None
 
+    def keep_until(self, step: int) -> None:
+        """Drops the rows of steps after `step` (and cut-short or unreadable lines), rewriting the
+        file atomically; removes it when no row is left."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, newline="") as f:
+            lines = f.readlines()
+        header = next(csv.reader(lines[:1]), None) if lines and lines[0].endswith("\n") else None
+        kept = []
+        for line in lines[1:] if header else ():
+            row = next(csv.reader([line]), [])
+            if not line.endswith("\n") or len(row) != len(header):
+                continue  # cut short by a kill while it was written
+            try:
+                if int(row[0]) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue
+        self.fields = None
+        if not kept:
+            os.remove(self.path)
+        elif len(kept) != len(lines) - 1:
+            write_atomically(self.path, "".join(lines[:1] + kept))
+
     def write(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         new = not os.path.exists(self.path)
         if self.fields is None:
-            self.fields = list(row) if new else next(csv.reader(open(self.path)))
+            if new:
+                self.fields = list(row)
+            else:
+                with open(self.path, newline="") as f:
+                    self.fields = next(csv.reader(f))
         with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
             if new:
@@ -298,19 +428,23 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
     """Runs (or resumes) the training described by `config` in `workdir`; returns the final state.
 
     `until_step` stops early after saving a checkpoint there, as a preempted job would (the
-    schedule still spans `config.train.steps`).
+    schedule still spans `config.train.steps`). Raises `step.TrainingDiverged` when the loss or the
+    state turns non-finite (the checkpoints already saved are all finite and kept).
     """
     from tqdm import tqdm
 
+    step_lib.check_config(config)  # before anything is built: a bad field costs no start-up time
+    if until_step is not None and until_step < 1:
+        raise ValueError(f"--until-step must be >= 1, got {until_step}")
+    existing = _existing_run_configs(workdir)  # (names damaged run files before the slow part)
     configs, params, tokenizers = build_pipeline(config)
     source = data.make_source(config.data)
-    run_exists = os.path.exists(os.path.join(workdir, RUN_PIPELINE))
-    if run_exists:
+    if existing is not None:
         # A resumed run keeps the pipeline configs it started with (calibrated numbers included).
-        _, configs, _ = read_run(workdir)
+        configs = existing
     elif config.init.calibrate_scaling_factor:
         configs = calibrate_scaling_factor(configs, params["vae"], source, config)
-    if jax.process_index() == 0 and not run_exists:
+    if jax.process_index() == 0 and existing is None:
         _write_run_files(workdir, config, configs, tokenizers)
     models = components.build_models(configs, dtype=jnp.dtype(config.train.compute_dtype))
     optimizer = step_lib.make_optimizer(config)
@@ -328,38 +462,69 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         logging.info("cached the VAE posteriors of %d examples in %.0f s", len(source), time.perf_counter() - t)
     state, train_step = sharded_training(models, params, config, optimizer, mesh)
     del params
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINTS), every=config.checkpoint.every,
                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    restored = ckpt.restore_latest(state)
+    try:
+        restored = ckpt.restore_latest(state, set_aside=jax.process_index() == 0)
+    except BaseException:
+        ckpt.close()
+        raise
     if restored is not None:
         state = restored
         logging.info("resumed from step %d", int(state.step))
     start = int(state.step)
+    # One scalar, fetched only before a checkpoint is written: is every value of the state finite?
+    is_finite = jax.jit(step_lib.state_is_finite, out_shardings=parallel.replicated(mesh))
+
+    def diverged(what: str) -> step_lib.TrainingDiverged:
+        ckpt.wait()  # (a save still being written is of a finite state: let it finish first)
+        last = ckpt.latest_step()
+        kept = (f"the last finite checkpoint is step {last}, kept" if last is not None
+                else "no checkpoint was saved before it")
+        return step_lib.TrainingDiverged(
+            f"{what}; {kept} (lower train.learning_rate or check the data, then re-run to resume)")
 
     rng = jax.random.key(config.seed)
     log = MetricsLog(os.path.join(workdir, "metrics.csv")) if jax.process_index() == 0 else None
+    if log:
+        log.keep_until(start)  # the rows after the checkpoint are written again
     total = config.train.steps
     stop = total if until_step is None else min(until_step, total)
     bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True)
-    t0, done = time.perf_counter(), 0
-    with data.Prefetcher(_batch_fn(config, source, tokenizers, models, padded), start,
-                         depth=config.data.prefetch) as batches:
-        for step, batch in batches:
-            if step >= stop:
-                break
-            state, metrics = train_step(state, parallel.host_batch_to_global(batch, mesh), rng)
-            done += 1
-            if (step + 1) % config.log_every == 0 or step + 1 == total:
-                metrics = jax.device_get(metrics)
-                rate = done / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{rate:.2f}")
-                if log:
-                    log.write(step + 1, {**metrics, "steps_per_s": rate})
-            bar.update(1)
-            ckpt.save(step + 1, state, force=step + 1 == stop)
-            if config.sample_every and (step + 1) % config.sample_every == 0 and jax.process_index() == 0:
-                _save_samples(config, state, models, configs, tokenizers, batch, workdir, step + 1)
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
+    t0, done, finished = time.perf_counter(), 0, False
+    try:
+        with data.Prefetcher(_batch_fn(config, source, tokenizers, models, padded), start,
+                             depth=config.data.prefetch) as batches:
+            for step, batch in batches:
+                if step >= stop:
+                    break
+                state, metrics = train_step(state, parallel.host_batch_to_global(batch, mesh), rng)
+                done += 1
+                if (step + 1) % config.log_every == 0 or step + 1 == total:
+                    metrics = jax.device_get(metrics)
+                    rate = done / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{rate:.2f}")
+                    if log:
+                        log.write(step + 1, {**metrics, "steps_per_s": rate})
+                    loss = float(metrics["loss"])
+                    if not np.isfinite(loss):
+                        raise diverged(f"loss is {'NaN' if np.isnan(loss) else loss} at step {step + 1}")
+                bar.update(1)
+                if ckpt.due(step + 1, force=step + 1 == stop):
+                    if not bool(is_finite(state, metrics["loss"])):
+                        raise diverged(f"the loss or the parameters are not finite at step {step + 1} "
+                                       f"(found before saving its checkpoint)")
+                    ckpt.save(step + 1, state, force=True)
+                if config.sample_every and (step + 1) % config.sample_every == 0 and jax.process_index() == 0:
+                    _save_samples(config, state, models, configs, tokenizers, batch, workdir, step + 1)
+        finished = True
+    finally:
+        bar.close()
+        try:
+            ckpt.wait()
+            ckpt.close()
+        except Exception as e:
+            if finished:
+                raise
+            logging.warning("while closing the checkpoints after an error: %s", checkpoint_lib.error_reason(e))
     return state

@@ -26,6 +26,7 @@ micro-batching changes what a row sees, and all of them give the same update up 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -63,11 +64,75 @@ def trained_components(config) -> tuple[str, ...]:
     return names
 
 
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the parameters of a run became non-finite (NaN or inf); nothing of that state was saved."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_config(config) -> None:
+    """Raises a ValueError naming the first field of `config` a training run cannot use: a learning
+    rate that is not a finite positive number, an unknown optimizer or schedule, a step count below 1,
+    a decay outside [0, 1]... Called before anything is built, so a typo costs no start-up time; every
+    mode shares it."""
+    t = config.train
+
+    def number(name, value, low=None, high=None, low_open=False, high_open=False, integer=False):
+        what = "an integer" if integer else "a number"
+        if not _is_number(value) or (integer and not isinstance(value, int)):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+
+    def choice(name, value, choices):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+    trained_components(config)  # names an unknown mode
+    number("train.learning_rate", t.learning_rate, 0, low_open=True)
+    choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    number("train.steps", t.steps, 1, integer=True)
+    number("train.warmup_steps", t.warmup_steps, 0, integer=True)
+    number("train.batch_size", t.batch_size, 1, integer=True)
+    number("train.grad_accum_steps", t.get("grad_accum_steps", 1), 1, integer=True)
+    number("train.ema_decay", t.ema_decay, 0, 1)
+    number("train.grad_clip", t.grad_clip, 0, low_open=True)
+    number("train.weight_decay", t.weight_decay, 0)
+    number("train.adam_b1", t.adam_b1, 0, 1, high_open=True)
+    number("train.adam_b2", t.adam_b2, 0, 1, high_open=True)
+    number("train.caption_dropout", t.get("caption_dropout", 0.0), 0, 1)
+    number("train.min_snr_gamma", t.get("min_snr_gamma", 0.0), 0)
+    choice("train.timestep_sampling", t.get("timestep_sampling", "uniform"), TIMESTEP_SAMPLINGS)
+    number("train.timestep_logit_mean", t.get("timestep_logit_mean", 0.0))
+    number("train.timestep_logit_std", t.get("timestep_logit_std", 1.0), 0, low_open=True)
+    number("train.kl_weight", t.get("kl_weight", 0.0), 0)
+    number("train.edge_weight", t.get("edge_weight", 0.0), 0)
+    for s in t.get("redraw_strengths", ()):
+        number("train.redraw_strengths", s, 0, 1)
+    number("checkpoint.every", config.checkpoint.every, 1, integer=True)
+    number("checkpoint.keep", config.checkpoint.keep, 1, integer=True)
+    number("log_every", config.log_every, 1, integer=True)
+    number("sample_every", config.sample_every, 0, integer=True)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine (or constant) decay, after global-norm clipping."""
+    """AdamW (or SGD) with linear warm-up then cosine (or constant) decay, after global-norm clipping."""
     t = config.train
     if t.warmup_steps < 0:
         raise ValueError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown train.optimizer {t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     # warmup_steps = 0: the full rate from the first step.
     if t.lr_schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps,
@@ -76,7 +141,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
         lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
                                    optax.constant_schedule(t.learning_rate)], [t.warmup_steps])
     else:
-        raise ValueError(f"unknown train.lr_schedule {t.lr_schedule!r}; choose cosine or constant")
+        raise ValueError(f"unknown train.lr_schedule {t.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     adam = optax.sgd(lr) if t.optimizer == "sgd" else optax.adamw(
         lr, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay)
     optimizer = optax.chain(optax.clip_by_global_norm(t.grad_clip), adam)
@@ -329,3 +394,11 @@ def make_train_step(models: components.Models, config, optimizer) -> Callable:
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
     return train_step
+
+
+def state_is_finite(state: TrainState, loss=None) -> jax.Array:
+    """One boolean scalar: every floating-point value of `state` (params, EMA, optimizer moments) and
+    `loss` (when given) is finite. Jit it; fetching the result is one small host transfer."""
+    leaves = [x for x in jax.tree.leaves((state.params, state.ema, state.opt_state, loss))
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
