@@ -11,6 +11,7 @@ import pytest
 
 import jaxdiff
 from jaxdiff import cli
+from jaxdiff.train import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +58,7 @@ def test_verbose_goes_before_or_after_the_command():
 
 
 def test_split_overrides():
-    rest, overrides = cli.split_overrides(["train", "--config", "c.py:tiny", "--config.a=1", "--config.b.c", "x y",
+    rest, overrides = run_config.split_overrides(["train", "--config", "c.py:tiny", "--config.a=1", "--config.b.c", "x y",
                                            "--config.flag", "--workdir", "w", "--config.n", "-1", "--config.e="])
     assert rest == ["train", "--config", "c.py:tiny", "--workdir", "w"]
     assert overrides == [("a", "1"), ("b.c", "x y"), ("flag", None), ("n", "-1"), ("e", "")]
@@ -94,7 +95,7 @@ def _config():
 ])
 def test_override_config(overrides, key, expected):
     config = _config()
-    cli.override_config(config, overrides)
+    run_config.override_config(config, overrides)
     node = config
     for part in key.split("."):
         node = node[part]
@@ -117,15 +118,15 @@ def test_override_config(overrides, key, expected):
 ])
 def test_override_config_names_a_bad_key_or_value(overrides, message):
     with pytest.raises(ValueError) as e:
-        cli.override_config(_config(), overrides)
+        run_config.override_config(_config(), overrides)
     assert str(e.value).startswith(message), str(e.value)
 
 
 def test_overrides_of_a_real_config():
     """A field the config links to another (the U-Net's channels follow the VAE's) moves with it, as
     with ml_collections' own flags."""
-    config = cli.load_config(os.path.join(ROOT, "configs", "shapes_unet.py:tiny"))
-    cli.override_config(config, [("model.vae.latent_channels", "6"),
+    config = run_config.load_config(os.path.join(ROOT, "configs", "shapes_unet.py:tiny"))
+    run_config.override_config(config, [("model.vae.latent_channels", "6"),
                                  ("init.components", '("vae","text_encoders")'),
                                  ("train.train_text_encoder", "False")])
     assert config.model.unet.in_channels == config.model.unet.out_channels == 6
@@ -145,9 +146,9 @@ def test_train_reports_a_bad_override_in_one_line(tmp_path, capsys):
 def test_config_loads_from_any_directory(tmp_path):
     """configs/ files import `configs.common`: they load from outside the checkout too (the installed
     `jaxdiff` command), with neither absl's config flags nor TensorFlow."""
-    script = ("import sys\nfrom jaxdiff import cli\n"
-              f"c = cli.load_config({os.path.join(ROOT, 'configs', 'shapes_vae.py')!r} + ':tiny')\n"
-              "cli.override_config(c, [('train.steps', '7')])\n"
+    script = ("import sys\nfrom jaxdiff.train import run_config\n"
+              f"c = run_config.load_config({os.path.join(ROOT, 'configs', 'shapes_vae.py')!r} + ':tiny')\n"
+              "run_config.override_config(c, [('train.steps', '7')])\n"
               "print(c.mode, c.train.steps, 'ml_collections.config_flags' in sys.modules, 'tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)

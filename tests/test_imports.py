@@ -13,7 +13,7 @@ from tests.test_parallel import ROOT
 LAYERS = (
     ("jaxdiff.models",),
     ("jaxdiff.sampling", "jaxdiff.text", "jaxdiff.images", "jaxdiff.data", "jaxdiff.parallel"),
-    ("jaxdiff.components",),
+    ("jaxdiff.components", "jaxdiff.limits"),
     ("jaxdiff.weights",),
     ("jaxdiff.sample",),
     ("jaxdiff.pipeline",),
