@@ -50,7 +50,11 @@ def _generate_parser(sub, common):
     p.add_argument("--width", type=int, default=None,
                    help="image width in pixels, a multiple of 8 (default: the model's sample size)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", default="out", metavar="DIR", help="output folder")
+    p.add_argument("--out", default="out", metavar="DIR",
+                   help="output folder (created first; images already there are kept, new ones numbered on)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
+                   help="refuse images of more pixels than this (0: no cap; a request that cannot fit in "
+                        "memory is refused anyway)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 instead of float32")
     return p
 
@@ -59,17 +63,18 @@ def generate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff.images import save_pngs
+    from jaxdiff.images import prepare_out_dir, save_pngs
 
     prompts = list(args.prompt_args) + list(args.prompt)
     if not prompts:
-        raise SystemExit("generate: give a prompt (positional or --prompt)")
+        raise ValueError("generate: give a prompt (positional or --prompt)")
+    prepare_out_dir(args.out)  # a bad --out fails now, not after the generation
     logging.info("devices: %s", jax.devices())
     pipe = jaxdiff.load(args.model, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
     images = pipe.generate(prompts, negative_prompts=args.negative_prompt, height=args.height,
                            width=args.width, steps=args.steps, guidance_scale=args.cfg,
                            sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.batch,
-                           guidance_rescale=args.guidance_rescale)
+                           guidance_rescale=args.guidance_rescale, max_pixels=args.max_pixels or None)
     for path in save_pngs(images, args.out):
         print(path)
     return 0
@@ -173,7 +178,8 @@ def export(args) -> int:
         pipe = loop.with_vae_decoder(pipe, loop.restore_pipeline(args.vae_decoder))
     overrides = {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg}
     pipe.defaults.update({k: v for k, v in overrides.items() if v is not None})
-    pipe.prepare("", steps=pipe.defaults["steps"], sampler=pipe.defaults["sampler"])  # names a bad value
+    export_lib.check_defaults(pipe.defaults)  # a NaN --cfg, an unknown sampler: named before writing
+    pipe.prepare("", steps=pipe.defaults["steps"], sampler=pipe.defaults["sampler"])  # steps it cannot take
     print(export_lib.save(pipe, args.out_dir, overwrite=args.overwrite))
     return 0
 
@@ -280,12 +286,34 @@ def main(argv=None) -> int:
     return _report_errors(command, args)
 
 
+# Errors that describe bad input or an unusable file: one line, exit 2. (WeightError, JSON and
+# Unicode errors are ValueErrors; FileNotFoundError, PermissionError... are OSErrors.)
+USER_ERRORS = (ValueError, OSError, NotImplementedError)
+
+
 def _report_errors(command, args) -> int:
+    """Runs the command; every exception becomes one line on stderr (a traceback only with --verbose)."""
     try:
         return command(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug of jaxdiff's or a library's: still one line, and how to see more
+        if args.verbose:
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(e)} (jaxdiff --verbose shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException, limit: int = 2000) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 if __name__ == "__main__":

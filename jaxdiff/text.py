@@ -44,9 +44,11 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
         full = tokenizer(list(prompts)).input_ids  # unpadded, so each prompt's own length shows
     for prompt, long_ids in zip(prompts, full):
         if len(long_ids) > max_len:
-            dropped = tokenizer.decode(long_ids[max_len - 1:-1])
-            warnings.warn(f"prompt truncated to {max_len} tokens; this part was dropped: {dropped!r}",
-                          stacklevel=3)
+            dropped_ids = long_ids[max_len - 1:-1]
+            dropped = tokenizer.decode(dropped_ids)
+            excerpt = dropped if len(dropped) <= 60 else dropped[:57] + "..."
+            warnings.warn(f"prompt truncated to {max_len} tokens; {len(dropped_ids)} token(s) dropped, "
+                          f"from: {excerpt!r}", stacklevel=3)
     return np.asarray(ids, np.int32)
 
 

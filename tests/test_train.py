@@ -110,9 +110,19 @@ def test_export_cli_writes_a_loadable_folder_with_its_defaults(tfds_dir, tmp_pat
     assert not os.path.exists(tmp_path / "bad")
     before = sorted(os.listdir(out))
     assert main.main(["export", run, out]) == 2  # a folder already written: kept, and the way out named
-    assert f"{out} is not empty; pass overwrite=True (main.py export --overwrite)" in capsys.readouterr().err
+    assert f"{out} is not empty; pass overwrite=True (jaxdiff export --overwrite)" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before
     assert main.main(["export", run, out, "--overwrite"]) == 0
+    # Never over the run itself, nor with a default a folder must not carry.
+    run_files = sorted(os.listdir(run))
+    for argv, named in ([run, run, "--overwrite"], "model being exported"), \
+            ([run, str(tmp_path), "--overwrite"], "model being exported"), \
+            ([run, str(tmp_path / "nan"), "--cfg", "nan"], "guidance_scale"):
+        capsys.readouterr()
+        assert main.main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(run)) == run_files and not os.path.exists(tmp_path / "nan")
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):
