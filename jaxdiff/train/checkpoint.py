@@ -55,9 +55,15 @@ class Checkpointer:
         self.every = every
         self.directory = os.path.abspath(directory)
         # The interval is applied in `save`: Orbax's own would also save the first step of every run.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                     create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+    def _renew(self) -> None:
+        """A fresh manager: one whose restore failed may keep what it guessed from the damaged folder
+        (Orbax takes a step without its item folder for a multi-item checkpoint, then fails them all)."""
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def due(self, step: int, force: bool = False) -> bool:
         """Whether `save(step, state, force)` would write a checkpoint."""
@@ -95,6 +101,7 @@ class Checkpointer:
             except Exception as e:  # Orbax and TensorStore raise many types (bare Exception too)
                 reason = error_reason(e)
                 failed.append((step, reason))
+                self._renew()
                 then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
                 log.warning("checkpoint step %d in %s cannot be restored (%s); %s",
                             step, self.directory, reason, then)
@@ -115,7 +122,7 @@ class Checkpointer:
                 target, n = os.path.join(corrupt, f"{step}.{n}"), n + 1
             os.replace(os.path.join(self.directory, str(step)), target)
             log.warning("moved the checkpoint of step %d that cannot be restored to %s", step, target)
-        self.manager.reload()
+        self._renew()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

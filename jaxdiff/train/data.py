@@ -182,7 +182,7 @@ class CaptionFolderSource:
         with open(path, "rb") as f:
             for number, raw in enumerate(f, 1):
                 where = f"{METADATA_FILE} line {number}"
-                line, problem = _utf8(raw)
+                line, problem = _utf8(raw, lines=False)
                 if problem:
                     self._bad(where, problem)
                     continue
@@ -257,14 +257,16 @@ def _find_images(root: str) -> Iterator[str]:
                 yield os.path.relpath(os.path.join(folder, name), root)
 
 
-def _utf8(raw: bytes) -> tuple[str | None, str | None]:
-    """(raw decoded as UTF-8, None), or (None, why not: the line and byte of the first bad byte)."""
+_NEWLINE = b"\n"
+
+
+def _utf8(raw: bytes, lines: bool = True) -> tuple[str | None, str | None]:
+    """(raw decoded as UTF-8, None), or (None, why not: the first bad byte, and its line if `lines`)."""
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        return None, (f"is not UTF-8 text (line {line}: byte 0x{raw[e.start]:02x} at offset {e.start} "
-                      f"is {e.reason})")
+        line = f"line {raw.count(_NEWLINE, 0, e.start) + 1}: " if lines else ""
+        return None, f"is not UTF-8 text ({line}byte 0x{raw[e.start]:02x} at offset {e.start} is {e.reason})"
 
 
 def _size_problem(size: tuple[int, int], resolution: int) -> str | None:
