@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import struct
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -304,6 +305,11 @@ def _json(*parts, edit):
     return lambda path: _edit_json(os.path.join(path, *parts), edit)
 
 
+def _set(*parts, **fields):
+    """Sets fields of a JSON object file (values of the wrong type, mostly)."""
+    return _json(*parts, edit=lambda v: {**v, **fields})
+
+
 # (id, corrupt(folder), exception type, substrings the message must hold)
 FOLDER_CASES = [
     ("NaN in unet weights", _nan_in_unet, WeightError,
@@ -312,35 +318,36 @@ FOLDER_CASES = [
      ["text_encoder", "final_layer_norm.weight' has 1 infinite value"]),
     ("model_index.json a list", _json("model_index.json", edit=lambda v: [v]), ValueError,
      ["model_index.json", "expected a JSON object, got a JSON array"]),
-    ("model_index entry a string", _json("model_index.json", edit=lambda v: {**v, "unet": "UNet2DConditionModel"}),
+    ("model_index entry a string", _set("model_index.json", unet="UNet2DConditionModel"),
      ValueError, ["model_index.json", "'unet' must be a [library, class] list"]),
-    ("model_index entry too long", _json("model_index.json", edit=lambda v: {**v, "vae": ["a", "b", "c"]}),
+    ("model_index entry too long", _set("model_index.json", vae=["a", "b", "c"]),
      ValueError, ["model_index.json", "'vae' must be a [library, class] list", '["diffusers", "AutoencoderKL"]']),
-    ("model_index entry of numbers", _json("model_index.json", edit=lambda v: {**v, "text_encoder": [1, 2]}),
+    ("model_index entry of numbers", _set("model_index.json", text_encoder=[1, 2]),
      ValueError, ["model_index.json", "'text_encoder'"]),
-    ("model_index without unet", _json("model_index.json", edit=lambda v: {k: x for k, x in v.items() if k != "unet"}),
+    ("model_index with a null unet", _set("model_index.json", unet=None),
      ValueError, ["model_index.json", "names no unet"]),
-    ("model_index _class_name a list", _json("model_index.json", edit=lambda v: {**v, "_class_name": ["x"]}),
+    ("model_index _class_name a list", _set("model_index.json", _class_name=["x"]),
      ValueError, ["model_index.json", "_class_name"]),
     ("unet config a list", _json("unet", "config.json", edit=lambda v: [v]), ValueError,
      [os.path.join("unet", "config.json"), "JSON object"]),
     ("scheduler config a string", _json("scheduler", "scheduler_config.json", edit=lambda v: "ddim"), ValueError,
      ["scheduler_config.json", "JSON object"]),
-    ("unet layers_per_block a string", _json("unet", "config.json", edit=lambda v: {**v, "layers_per_block": "2"}),
+    ("unet layers_per_block a string", _set("unet", "config.json", layers_per_block="2"),
      ValueError, [os.path.join("unet", "config.json"), "layers_per_block must be an int", "'2'"]),
-    ("unet layers_per_block 1.5", _json("unet", "config.json", edit=lambda v: {**v, "layers_per_block": 1.5}),
+    ("unet layers_per_block 1.5", _set("unet", "config.json", layers_per_block=1.5),
      ValueError, [os.path.join("unet", "config.json"), "layers_per_block", "1.5"]),
-    ("unet negative channels", _json("unet", "config.json", edit=lambda v: {**v, "block_out_channels": [32, -64]}),
+    ("unet negative channels", _set("unet", "config.json", block_out_channels=[32, -64]),
      ValueError, [os.path.join("unet", "config.json"), "block_out_channels must be a list of positive ints"]),
-    ("unet in_channels a list", _json("unet", "config.json", edit=lambda v: {**v, "in_channels": [4]}),
+    ("unet in_channels a list", _set("unet", "config.json", in_channels=[4]),
      ValueError, [os.path.join("unet", "config.json"), "in_channels must be an int, got [4]"]),
-    ("vae layers_per_block a list", _json("vae", "config.json", edit=lambda v: {**v, "layers_per_block": [1, 1]}),
+    ("vae layers_per_block a list", _set("vae", "config.json", layers_per_block=[1, 1]),
      ValueError, [os.path.join("vae", "config.json"), "layers_per_block must be an int"]),
-    ("text encoder hidden_size a string", _json("text_encoder", "config.json", edit=lambda v: {**v, "hidden_size": "16"}),
+    ("text encoder hidden_size a string", _set("text_encoder", "config.json", hidden_size="16"),
      ValueError, [os.path.join("text_encoder", "config.json"), "hidden_size must be an int, got '16'"]),
-    ("text encoder zero heads", _json("text_encoder", "config.json", edit=lambda v: {**v, "num_attention_heads": 0}),
+    ("text encoder zero heads", _set("text_encoder", "config.json", num_attention_heads=0),
      ValueError, [os.path.join("text_encoder", "config.json"), "num_attention_heads"]),
-    ("missing tokenizer folder", _remove("tokenizer"), FileNotFoundError, ["tokenizer", "missing tokenizer folder"]),
+    ("missing tokenizer folder", _remove("tokenizer"), FileNotFoundError,
+     ["tokenizer", "missing tokenizer folder"]),
     ("tokenizer folder without vocabulary", lambda p: [os.remove(os.path.join(p, "tokenizer", f))
                                                        for f in os.listdir(os.path.join(p, "tokenizer"))
                                                        if f != "tokenizer_config.json"],
@@ -373,9 +380,9 @@ def test_bad_folders_are_refused_by_name(pipeline_dir, tmp_path, corrupt, error,
 def test_sharded_weights_in_two_shards_are_refused(pipeline_dir, tmp_path):
     path = _copy(pipeline_dir, tmp_path)
     vae = os.path.join(path, "vae")
-    tensors = {k: np.array(v) for k, v in read_safetensors(os.path.join(vae, "diffusion_pytorch_model.safetensors"))
-               .items()}
-    os.remove(os.path.join(vae, "diffusion_pytorch_model.safetensors"))
+    weights = os.path.join(vae, "diffusion_pytorch_model.safetensors")
+    tensors = {k: np.array(v) for k, v in read_safetensors(weights).items()}
+    os.remove(weights)
     names = sorted(tensors)
     write_safetensors(os.path.join(vae, "s1.safetensors"), {k: tensors[k] for k in names[:5]})
     write_safetensors(os.path.join(vae, "s2.safetensors"), {k: tensors[k] for k in names[4:]})
@@ -434,3 +441,160 @@ def test_config_field_types():
             cls.from_config(dict(base, **{field: value}))
         text = str(err.value)
         assert cls.__name__ in text and field in text and message in text and repr(value) in text, text
+
+
+# Real hub configs, as published: they must keep loading. SDXL's U-Net has "upcast_attention": null.
+REAL_CONFIGS = {
+    "sd1_unet": ("UNet2DConditionModel",
+        {'_class_name': 'UNet2DConditionModel',
+         '_diffusers_version': '0.6.0',
+         'act_fn': 'silu',
+         'attention_head_dim': 8,
+         'block_out_channels': [320, 640, 1280, 1280],
+         'center_input_sample': False,
+         'cross_attention_dim': 768,
+         'down_block_types': ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D',
+                              'DownBlock2D'],
+         'downsample_padding': 1,
+         'flip_sin_to_cos': True,
+         'freq_shift': 0,
+         'in_channels': 4,
+         'layers_per_block': 2,
+         'mid_block_scale_factor': 1,
+         'norm_eps': 1e-05,
+         'norm_num_groups': 32,
+         'out_channels': 4,
+         'sample_size': 64,
+         'up_block_types': ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D']}),
+    "sd2_unet": ("UNet2DConditionModel",
+        {'_class_name': 'UNet2DConditionModel',
+         '_diffusers_version': '0.10.0.dev0',
+         'act_fn': 'silu',
+         'attention_head_dim': [5, 10, 20, 20],
+         'block_out_channels': [320, 640, 1280, 1280],
+         'center_input_sample': False,
+         'cross_attention_dim': 1024,
+         'down_block_types': ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D',
+                              'DownBlock2D'],
+         'downsample_padding': 1,
+         'dual_cross_attention': False,
+         'flip_sin_to_cos': True,
+         'freq_shift': 0,
+         'in_channels': 4,
+         'layers_per_block': 2,
+         'mid_block_scale_factor': 1,
+         'norm_eps': 1e-05,
+         'norm_num_groups': 32,
+         'num_class_embeds': None,
+         'only_cross_attention': False,
+         'out_channels': 4,
+         'sample_size': 96,
+         'up_block_types': ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
+         'upcast_attention': True,
+         'use_linear_projection': True}),
+    "sdxl_unet": ("UNet2DConditionModel",
+        {'_class_name': 'UNet2DConditionModel',
+         '_diffusers_version': '0.19.0.dev0',
+         'act_fn': 'silu',
+         'addition_embed_type': 'text_time',
+         'addition_embed_type_num_heads': 64,
+         'addition_time_embed_dim': 256,
+         'attention_head_dim': [5, 10, 20],
+         'block_out_channels': [320, 640, 1280],
+         'center_input_sample': False,
+         'class_embed_type': None,
+         'class_embeddings_concat': False,
+         'conv_in_kernel': 3,
+         'conv_out_kernel': 3,
+         'cross_attention_dim': 2048,
+         'cross_attention_norm': None,
+         'down_block_types': ['DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'],
+         'downsample_padding': 1,
+         'dual_cross_attention': False,
+         'encoder_hid_dim': None,
+         'encoder_hid_dim_type': None,
+         'flip_sin_to_cos': True,
+         'freq_shift': 0,
+         'in_channels': 4,
+         'layers_per_block': 2,
+         'mid_block_only_cross_attention': None,
+         'mid_block_scale_factor': 1,
+         'mid_block_type': 'UNetMidBlock2DCrossAttn',
+         'norm_eps': 1e-05,
+         'norm_num_groups': 32,
+         'num_attention_heads': None,
+         'num_class_embeds': None,
+         'only_cross_attention': False,
+         'out_channels': 4,
+         'projection_class_embeddings_input_dim': 2816,
+         'resnet_out_scale_factor': 1.0,
+         'resnet_skip_time_act': False,
+         'resnet_time_scale_shift': 'default',
+         'sample_size': 128,
+         'time_cond_proj_dim': None,
+         'time_embedding_act_fn': None,
+         'time_embedding_dim': None,
+         'time_embedding_type': 'positional',
+         'timestep_post_act': None,
+         'transformer_layers_per_block': [1, 2, 10],
+         'up_block_types': ['CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'],
+         'upcast_attention': None,
+         'use_linear_projection': True}),
+    "sdxl_vae": ("AutoencoderKL",
+        {'_class_name': 'AutoencoderKL',
+         '_diffusers_version': '0.20.0.dev0',
+         'act_fn': 'silu',
+         'block_out_channels': [128, 256, 512, 512],
+         'down_block_types': ['DownEncoderBlock2D', 'DownEncoderBlock2D', 'DownEncoderBlock2D',
+                              'DownEncoderBlock2D'],
+         'force_upcast': True,
+         'in_channels': 3,
+         'latent_channels': 4,
+         'layers_per_block': 2,
+         'norm_num_groups': 32,
+         'out_channels': 3,
+         'sample_size': 1024,
+         'scaling_factor': 0.13025,
+         'up_block_types': ['UpDecoderBlock2D', 'UpDecoderBlock2D', 'UpDecoderBlock2D', 'UpDecoderBlock2D'],
+         'latents_mean': None,
+         'latents_std': None,
+         'shift_factor': None,
+         'use_quant_conv': True,
+         'use_post_quant_conv': True,
+         'mid_block_add_attention': True}),
+    "te2": ("CLIPTextModel",
+        {'architectures': ['CLIPTextModelWithProjection'],
+         'attention_dropout': 0.0,
+         'bos_token_id': 0,
+         'dropout': 0.0,
+         'eos_token_id': 2,
+         'hidden_act': 'gelu',
+         'hidden_size': 1280,
+         'initializer_factor': 1.0,
+         'initializer_range': 0.02,
+         'intermediate_size': 5120,
+         'layer_norm_eps': 1e-05,
+         'max_position_embeddings': 77,
+         'model_type': 'clip_text_model',
+         'num_attention_heads': 20,
+         'num_hidden_layers': 32,
+         'pad_token_id': 1,
+         'projection_dim': 1280,
+         'torch_dtype': 'float16',
+         'transformers_version': '4.32.0.dev0',
+         'vocab_size': 49408}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_diffusers_configs_pass(name):
+    from jaxdiff.models.clip import CLIPTextModel
+    from jaxdiff.models.unet import UNet2DConditionModel
+    from jaxdiff.models.vae import AutoencoderKL
+
+    cls, config = REAL_CONFIGS[name]
+    assert folder.check_fields(config, folder.CONFIG_DEFAULTS[cls], name, cls=cls).keys() <= config.keys()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fields jaxdiff does not read
+        {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL,
+         "CLIPTextModel": CLIPTextModel}[cls].from_config(config)

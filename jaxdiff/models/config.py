@@ -59,7 +59,7 @@ def kind_of_default(default: Any) -> Kind | None:
     if default is None:
         return None
     if isinstance(default, bool):
-        return (bool,)
+        return (bool, None)  # diffusers reads a null flag as false (SDXL's "upcast_attention": null)
     if isinstance(default, numbers.Integral):
         return (int,)
     if isinstance(default, numbers.Real):
