@@ -77,7 +77,7 @@ def isdir(path: str) -> bool:
     return exists(path) and os.path.isdir(path)
 
 
-def read_json(path: str, expect: type = dict) -> dict:
+def read_json(path: str, expect: type | None = dict):
     """A JSON file's contents, which must be a JSON object (`expect=dict`); `expect=None` takes any.
 
     Missing files raise `FileNotFoundError`, bad JSON or the wrong JSON type `ValueError`, each
@@ -145,6 +145,8 @@ def _read_shards(folder: str, index_path: str) -> dict[str, np.ndarray]:
                           f"name in {folder}")
     tensors, origin = {}, {}
     for shard in sorted(set(weight_map.values())):
+        if not exists(os.path.join(folder, shard)):
+            raise FileNotFoundError(f"{index_path} names the shard {shard}, which is missing from {folder}")
         for name, array in safetensors.read_safetensors(os.path.join(folder, shard)).items():
             if name in tensors:
                 raise WeightError(f"{folder}: tensor {name!r} is in two shards, {origin[name]} and {shard}")
