@@ -1,6 +1,6 @@
 """diffusers counterparts of jaxdiff's sampler names, and the reference torch sampling loop.
 
-Written independently of jaxdiff.sampling.schedules.COUNTERPARTS on purpose: the tests check that
+Written independently of jaxdiff.sampling.counterparts.COUNTERPARTS on purpose: the tests check that
 the two agree rather than trusting either.
 """
 

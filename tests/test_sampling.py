@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxdiff.sampling import loop, samplers, schedules
+from jaxdiff.sampling import counterparts, loop, samplers, schedules
 from tests import reference
 
 # As StableDiffusionPipeline's PNDM scheduler_config.json carries it, with every key spelled out.
@@ -327,7 +327,7 @@ def test_missing_keys_take_the_counterpart_class_defaults():
 
 
 def test_class_defaults_match_installed_diffusers():
-    for cls_name, defaults in schedules.CLASS_DEFAULTS.items():
+    for cls_name, defaults in counterparts.CLASS_DEFAULTS.items():
         params = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
         for key, value in defaults.items():
             assert key in params, (cls_name, key)
@@ -335,8 +335,8 @@ def test_class_defaults_match_installed_diffusers():
 
 
 def test_counterparts_agree_with_reference():
-    assert set(schedules.COUNTERPARTS) == set(reference.COUNTERPARTS) == set(samplers.SAMPLERS)
-    for name, (cls_name, overrides) in schedules.COUNTERPARTS.items():
+    assert set(counterparts.COUNTERPARTS) == set(reference.COUNTERPARTS) == set(samplers.SAMPLERS)
+    for name, (cls_name, overrides) in counterparts.COUNTERPARTS.items():
         assert reference.COUNTERPARTS[name][0] == cls_name
         ref_overrides = reference.COUNTERPARTS[name][1]
         assert {k: ref_overrides.get(k) for k in overrides} == overrides, name

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from jaxdiff.data import shapes
-from jaxdiff.train import data
+from jaxdiff.train import caption_folder, data
 
 
 def _source(n=10, size=2):
@@ -118,7 +118,7 @@ def test_folder_reads_metadata_and_txt_captions(tmp_path):
     _png(tmp_path / "b.jpg", size=(16, 8))
     (tmp_path / "b.txt").write_text("a caption from txt\n")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "sub/a.png", "text": "a red square"}))
-    source = data.CaptionFolderSource(str(tmp_path), resolution=4)
+    source = caption_folder.CaptionFolderSource(str(tmp_path), resolution=4)
     assert len(source) == 2 and source.skipped == []
     (b, cb), (a, ca) = source[0], source[1]  # sorted by path: b.jpg < sub/a.png
     assert (cb, ca) == ("a caption from txt", "a red square")
@@ -131,7 +131,7 @@ def test_folder_resizes_short_side_and_centre_crops(tmp_path):
     pixels = np.repeat(np.array(bands, np.uint8)[None, :, None], 20, axis=2).reshape(1, 80, 3).repeat(40, 0)
     Image.fromarray(pixels).save(tmp_path / "wide.png")
     (tmp_path / "wide.txt").write_text("bands")
-    image, _ = data.CaptionFolderSource(str(tmp_path), resolution=20)[0]
+    image, _ = caption_folder.CaptionFolderSource(str(tmp_path), resolution=20)[0]
     assert image.shape == (20, 20, 3)  # resized to 40x20, then columns 10..30 kept: green then blue
     np.testing.assert_allclose(image[:, 3:7], np.broadcast_to(bands[1], (20, 4, 3)), atol=1)
     np.testing.assert_allclose(image[:, 13:17], np.broadcast_to(bands[2], (20, 4, 3)), atol=1)
@@ -150,7 +150,7 @@ def _bad_folder(root):
 def test_folder_skips_bad_examples_by_name(tmp_path, caplog):
     _bad_folder(tmp_path)
     with caplog.at_level(logging.WARNING, logger="jaxdiff.train.data"):
-        source = data.CaptionFolderSource(str(tmp_path), resolution=4, on_bad_image="skip")
+        source = caption_folder.CaptionFolderSource(str(tmp_path), resolution=4, on_bad_image="skip")
     assert [rel for rel, _ in source.examples] == ["good.png"]
     skipped = {path.rsplit("/", 1)[-1]: reason for path, reason in source.skipped}
     assert set(skipped) == {"missing.png", "corrupt.png", "nocaption.png"}
@@ -172,12 +172,12 @@ def test_folder_errors_name_the_file(tmp_path, bad):
     else:
         _png(tmp_path / bad)
     with pytest.raises(ValueError, match=bad):
-        data.CaptionFolderSource(str(tmp_path), resolution=4, on_bad_image="error")
+        caption_folder.CaptionFolderSource(str(tmp_path), resolution=4, on_bad_image="error")
 
 
 def test_empty_folder_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
-        data.CaptionFolderSource(str(tmp_path), resolution=4)
+        caption_folder.CaptionFolderSource(str(tmp_path), resolution=4)
 
 
 def test_make_source(tmp_path):

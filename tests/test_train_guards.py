@@ -27,16 +27,15 @@ import zlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 import main
 from configs import shapes_unet
-from jaxdiff.train import checkpoint as checkpoint_lib, data, loop, step as step_lib
+from jaxdiff.train import caption_folder, checkpoint as checkpoint_lib, data, loop, run_dir, step as step_lib
+from tests.test_parallel import ROOT as REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "configs/shapes_unet.py:tiny", "--config.data.source=shapes", "--config.train.steps=6",
         "--config.checkpoint.every=2"]
 
@@ -134,7 +133,7 @@ def _run_files(workdir):
     configs = components.PipelineConfigs("StableDiffusionPipeline", dict(TINY_UNET), dict(TINY_VAE),
                                          (dict(TINY_TEXT),), dict(SCHEDULER))
     tokenizer = text.build_tokenizer(config.model.tokenizer_words, config.model.max_length)
-    loop._write_run_files(str(workdir), config, configs, [tokenizer])
+    run_dir.write_run_files(str(workdir), config, configs, [tokenizer])
     return configs
 
 
@@ -145,7 +144,7 @@ def test_run_files_are_written_whole_and_leftovers_removed(tmp_path):
     (workdir / ".jaxdiff-tmp-tokenizer.xyz").mkdir()
     configs = _run_files(workdir)
     assert sorted(os.listdir(workdir)) == ["config.json", "pipeline.json", "tokenizer"]
-    _, read, tokenizers = loop.read_run(str(workdir))
+    _, read, tokenizers = run_dir.read_run(str(workdir))
     as_json = lambda c: json.dumps(dataclasses.asdict(c), sort_keys=True)  # noqa: E731
     assert as_json(read) == as_json(configs) and len(tokenizers) == 1
     _run_files(workdir)  # written again over the old ones (a run with no checkpoint yet)
@@ -172,19 +171,19 @@ def test_damaged_run_files_are_named_or_rewritten(name, content, message, tmp_pa
     else:
         (workdir / name).write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(message)):
-        loop.read_run(str(workdir))
+        run_dir.read_run(str(workdir))
     # export: one line, exit 2
     assert main.main(["export", str(workdir), str(tmp_path / "out")]) == 2
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and message in errors[0]
     # train, no checkpoint yet: a warning, and the files are written afresh
     with caplog.at_level(logging.WARNING):
-        assert loop._existing_run_configs(str(workdir)) is None
+        assert run_dir.existing_run_configs(str(workdir)) is None
     assert any(message in r.getMessage() and "written afresh" in r.getMessage() for r in caplog.records)
     # train, with checkpoints that need them: an error naming the file and the way out
     (workdir / "checkpoints" / "2").mkdir(parents=True)
     with pytest.raises(ValueError, match=f"{re.escape(message)}.*steps 2.*delete the folder"):
-        loop._existing_run_configs(str(workdir))
+        run_dir.existing_run_configs(str(workdir))
 
 
 # --- 4. corrupt checkpoints ---------------------------------------------------------------------------------
@@ -269,23 +268,23 @@ def test_no_checkpoint_restores_is_one_clear_error_and_nothing_moves(tmp_path):
 
 def test_metrics_keep_one_row_per_step_across_resumes(tmp_path):
     path = str(tmp_path / "metrics.csv")
-    log = loop.MetricsLog(path)
+    log = run_dir.MetricsLog(path)
     for step in range(1, 8):
         log.write(step, {"loss": step / 10, "grad_norm": 1.0})
     with open(path, "a") as f:
         f.write("8,0.8")  # a kill while row 8 was written
-    log = loop.MetricsLog(path)
+    log = run_dir.MetricsLog(path)
     log.keep_until(4)  # resumed from the checkpoint of step 4
     for step in range(5, 9):
         log.write(step, {"loss": step / 10, "grad_norm": 1.0})
     rows = np.genfromtxt(path, delimiter=",", names=True)
     assert list(rows["step"]) == list(range(1, 9))
     np.testing.assert_allclose(rows["loss"], np.arange(1, 9) / 10)
-    loop.MetricsLog(path).keep_until(0)  # resumed with no checkpoint: every row is written again
+    run_dir.MetricsLog(path).keep_until(0)  # resumed with no checkpoint: every row is written again
     assert not os.path.exists(path)
     with open(path, "w") as f:
         f.write("step,lo")  # a kill while the header was written
-    log = loop.MetricsLog(path)
+    log = run_dir.MetricsLog(path)
     log.keep_until(0)
     log.write(1, {"loss": 0.5})
     assert open(path).read().splitlines() == ["step,loss", "1,0.5"]
@@ -403,10 +402,10 @@ def test_bad_folder_examples_are_refused_by_name(build, reason, tmp_path, caplog
     root, named = _folder(tmp_path, build)
     with pytest.raises(ValueError, match=f"{re.escape(named)}.*{re.escape(reason)}|"
                                          f"{re.escape(reason)}.*{re.escape(named)}") as e:
-        data.CaptionFolderSource(str(root), resolution=64, on_bad_image="error")
+        caption_folder.CaptionFolderSource(str(root), resolution=64, on_bad_image="error")
     assert "\n" not in str(e.value)
     with caplog.at_level(logging.WARNING, logger="jaxdiff.train.data"):
-        source = data.CaptionFolderSource(str(root), resolution=64, on_bad_image="skip")
+        source = caption_folder.CaptionFolderSource(str(root), resolution=64, on_bad_image="skip")
     assert [rel for rel, _ in source.examples] == ["good.png"]
     assert len(source.skipped) == 1 and named in " ".join(source.skipped[0]) and reason in source.skipped[0][1]
     assert any(named in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -419,7 +418,7 @@ def test_image_that_fails_to_decode_is_skipped_or_named_never_a_crash(build, tmp
     root, name = _folder(tmp_path, build)
     _png(root / "z.png", colour=(200, 0, 0))
     (root / "z.txt").write_text("last")
-    source = data.CaptionFolderSource(str(root), resolution=16, on_bad_image="skip")
+    source = caption_folder.CaptionFolderSource(str(root), resolution=16, on_bad_image="skip")
     assert [rel for rel, _ in source.examples] == [name, "good.png", "z.png"]  # (it passes the scan)
     with caplog.at_level(logging.WARNING, logger="jaxdiff.train.data"):
         image, caption = source[0]  # the next example that decodes takes its place
@@ -435,7 +434,7 @@ def test_image_that_fails_to_decode_is_skipped_or_named_never_a_crash(build, tmp
     assert all(b["images"].shape == (6, 16, 16, 3) for b in got)
     assert [b["captions"] for b in got] == [fn(s)["captions"] for s in range(3)]
 
-    strict = data.CaptionFolderSource(str(root), resolution=16, on_bad_image="error")
+    strict = caption_folder.CaptionFolderSource(str(root), resolution=16, on_bad_image="error")
     with pytest.raises(ValueError, match=f"{name}: cannot decode image"):
         strict[0]
     with data.Prefetcher(lambda step: data.batch_at(strict, step, 3, seed=0), 0) as batches:
@@ -449,7 +448,7 @@ def test_pil_decompression_bomb_is_refused_by_name(tmp_path, monkeypatch):
     Image.new("L", (600, 500)).save(root / "bomb.png")
     (root / "bomb.txt").write_text("x")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 300,000 > 2 x this: PIL refuses in open()
-    source = data.CaptionFolderSource(str(root), resolution=8, on_bad_image="skip")
+    source = caption_folder.CaptionFolderSource(str(root), resolution=8, on_bad_image="skip")
     assert [rel for rel, _ in source.examples] == ["good.png"]
     assert "too many pixels" in source.skipped[0][1]
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxdiff.models.attention import multihead_attention
+from jaxdiff.models.config import check_fields
 
 # transformers' `ACT2FN` entries that CLIP text configs use.
 ACTIVATIONS = {
@@ -45,8 +46,8 @@ class CLIPTextConfig:
     @classmethod
     def from_dict(cls, config: Mapping) -> CLIPTextConfig:
         """Reads a `text_encoder/config.json` dict; keys this model does not use are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in config.items() if k in names})
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        cfg = cls(**check_fields(config, defaults, "CLIPTextModel config", cls="CLIPTextModel"))
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
         if cfg.hidden_size % cfg.num_attention_heads:

@@ -21,7 +21,7 @@ from jaxdiff.models.layers import (ACTIVATIONS, RESNET_TIME_NORMS, TextTimeEmbed
                                    get_activation, get_timestep_embedding, group_norm)
 
 # `UNet2DConditionModel.__init__` defaults of diffusers 0.3x-0.4x.
-_DEFAULTS: dict[str, Any] = dict(
+DEFAULTS: dict[str, Any] = dict(
     sample_size=None, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
     freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -40,7 +40,7 @@ _DEFAULTS: dict[str, Any] = dict(
     class_embeddings_concat=False, mid_block_only_cross_attention=None, cross_attention_norm=None,
     addition_embed_type_num_heads=64,
 )
-CONFIG_FIELDS = frozenset(_DEFAULTS)  # the diffusers config keys this port reads (others are ignored)
+CONFIG_FIELDS = frozenset(DEFAULTS)  # the diffusers config keys this port reads (others are ignored)
 
 # Accepted and, as in diffusers for the block types supported here, without effect: dropout (inference
 # only), upcast_attention (attention logits and softmax are always float32 here), sample_size, and
@@ -116,7 +116,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> UNetConfig:
-        cfg = with_defaults(config, _DEFAULTS, "UNet2DConditionModel")
+        cfg = with_defaults(config, DEFAULTS, "UNet2DConditionModel")
 
         # Features this port does not implement: fail loudly rather than compute something else.
         must_be = dict(class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None,

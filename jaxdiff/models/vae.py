@@ -20,7 +20,7 @@ from jaxdiff.models.layers import ACTIVATIONS, conv2d, group_norm
 
 # `AutoencoderKL.__init__` defaults. scaling_factor, shift_factor, latents_mean/std and force_upcast
 # are read by pipelines, not by the network; sample_size only sizes diffusers' tiling.
-_DEFAULTS: dict[str, Any] = dict(
+DEFAULTS: dict[str, Any] = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
     up_block_types=("UpDecoderBlock2D",), block_out_channels=(64,), layers_per_block=1, act_fn="silu",
     latent_channels=4, norm_num_groups=32,
@@ -48,7 +48,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> VAEConfig:
-        cfg = with_defaults(config, _DEFAULTS, "AutoencoderKL")
+        cfg = with_defaults(config, DEFAULTS, "AutoencoderKL")
         n = len(cfg["block_out_channels"])
         for field, supported in (("down_block_types", "DownEncoderBlock2D"),
                                  ("up_block_types", "UpDecoderBlock2D")):

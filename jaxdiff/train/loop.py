@@ -1,12 +1,6 @@
 """`train(config, workdir)`: build or load the pipeline, resume, run the jitted step, log, save.
 
-A run's workdir holds everything needed to resume or export it:
-  config.json          the full config of the run
-  pipeline.json        the configs of the pipeline being trained (diffusers config dicts)
-  tokenizer*/          its tokenizers
-  checkpoints/         Orbax checkpoints of the TrainState
-  metrics.csv          scalars per logged step (plot with any CSV tool)
-  samples/             images at intervals
+A run's workdir (`run_dir` lists its files) holds everything needed to resume or export it.
 Restarting the same command resumes from the newest checkpoint; the batch and the random key of a
 step depend only on (seed, step), so a resumed run is bit-identical to an uninterrupted one, however it
 was stopped (kill -9 included): the run files are written whole or not at all (a temporary file or
@@ -20,18 +14,13 @@ the last checkpoint is the last finite one.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxdiff import components, parallel, pipeline, sample, text
@@ -39,20 +28,16 @@ from jaxdiff.images import save_pngs
 from jaxdiff.models import params as model_params
 from jaxdiff.models.contrastive import ContrastiveHeads
 from jaxdiff.train import data, step as step_lib
-from jaxdiff.train import checkpoint as checkpoint_lib
+from jaxdiff.train import checkpoint as checkpoint_lib, run_dir
 from jaxdiff.train.checkpoint import Checkpointer
-from jaxdiff.weights import folder
 
-RUN_CONFIG, RUN_PIPELINE = "config.json", "pipeline.json"
-CHECKPOINTS = "checkpoints"
-_TMP_PREFIX = ".jaxdiff-tmp-"  # temporary files and folders in a run directory, renamed when whole
 COMPONENTS = ("text_encoders", "unet", "vae")  # the param subtrees of a pipeline
 INIT_COMPONENTS = COMPONENTS + ("scheduler",)  # what config.init may take from another model
 
 
 def load_pipeline(path: str) -> pipeline.Pipeline:
     """A diffusers folder, or the newest checkpoint of a jaxdiff run directory."""
-    if os.path.exists(os.path.join(path, RUN_CONFIG)):
+    if os.path.exists(os.path.join(path, run_dir.RUN_CONFIG)):
         return restore_pipeline(path)
     return pipeline.load(path)
 
@@ -139,115 +124,6 @@ def cache_posteriors(models: components.Models, vae_params, source, batch_size: 
     return data.ArraySource(np.concatenate(chunks), captions, field="posterior")
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Writes `text` to `path` whole or not at all: a temporary file beside it, synced, then renamed
-    over it (a process killed at any moment leaves the old file or the new one, never a part)."""
-    folder_, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder_, prefix=f"{_TMP_PREFIX}{name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_folder_atomically(path: str, write) -> None:
-    """`write(folder)` into a temporary folder beside `path`, then renamed to `path` (replacing it)."""
-    parent, name = os.path.split(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{_TMP_PREFIX}{name}.")
-    try:
-        write(tmp)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_run_files(workdir, config, configs, tokenizers):
-    """config.json, the tokenizers, then pipeline.json (whose presence marks a started run), each
-    written whole or not at all; leftovers of a start that was killed are removed first."""
-    os.makedirs(workdir, exist_ok=True)
-    for name in os.listdir(workdir):
-        if name.startswith(_TMP_PREFIX):
-            leftover = os.path.join(workdir, name)
-            shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
-    write_atomically(os.path.join(workdir, RUN_CONFIG), config.to_json_best_effort(indent=2))
-    for tok, (_, name) in zip(tokenizers, folder.TEXT_COMPONENTS):
-        _write_folder_atomically(os.path.join(workdir, name), tok.save_pretrained)
-    write_atomically(os.path.join(workdir, RUN_PIPELINE), json.dumps(dataclasses.asdict(configs), indent=2))
-
-
-def _read_run_json(path: str) -> dict:
-    """A run file's JSON object; a ValueError naming the file when it is empty, cut short or not an object."""
-    raw = b""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        value = json.loads(raw.decode("utf-8"))
-    except (ValueError, OSError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
-        if isinstance(e, FileNotFoundError):
-            raise ValueError(f"{path} is missing (a run killed while starting?)") from None
-        what = "is empty" if isinstance(e, ValueError) and not raw.strip() else "is corrupt"
-        raise ValueError(f"{path} {what} (a run killed while starting?): {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} is corrupt: a JSON {type(value).__name__}, not an object")
-    return value
-
-
-def read_run(workdir: str):
-    """(config, configs, tokenizers) of an existing run directory; FileNotFoundError when `workdir`
-    is no run directory, a ValueError naming the file when one of its files cannot be read."""
-    from transformers import CLIPTokenizer
-
-    path = os.path.join(workdir, RUN_CONFIG)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir} is not a jaxdiff run directory (no {RUN_CONFIG})")
-    config = ml_collections.ConfigDict(_read_run_json(path))
-    path = os.path.join(workdir, RUN_PIPELINE)
-    raw = _read_run_json(path)
-    try:
-        configs = components.PipelineConfigs(**{**raw, "text_encoders": tuple(raw["text_encoders"])})
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is corrupt: not the configs of a pipeline ({type(e).__name__}: {e})") from None
-    tokenizers = []
-    for _, name in folder.TEXT_COMPONENTS[:len(configs.text_encoders)]:
-        try:
-            tokenizers.append(CLIPTokenizer.from_pretrained(os.path.join(workdir, name)))
-        except (OSError, ValueError, TypeError) as e:
-            reason = " ".join(str(e).split())[:200]
-            raise ValueError(f"{os.path.join(workdir, name)} cannot be read as a tokenizer "
-                             f"(a run killed while starting?): {reason}") from None
-    return config, configs, tokenizers
-
-
-def _existing_run_configs(workdir: str):
-    """The pipeline configs of the run already in `workdir`, or None when there is none to resume.
-
-    Run files that cannot be read (a run of an older version killed while writing them) are written
-    afresh when no checkpoint needs them (with a warning); with checkpoints it is an error naming the file.
-    """
-    if not os.path.exists(os.path.join(workdir, RUN_PIPELINE)):
-        return None
-    try:
-        return read_run(workdir)[1]
-    except (ValueError, FileNotFoundError) as e:
-        steps = checkpoint_lib.saved_steps(os.path.join(workdir, CHECKPOINTS))
-        if steps:
-            raise ValueError(f"{e}; the checkpoints of {workdir} (steps {', '.join(map(str, steps))}) need "
-                             "it: restore it, or delete the folder to start the run over") from None
-        logging.warning("%s; %s has no checkpoint yet, so its run files are written afresh", e, workdir)
-        return None
-
-
 def abstract_state(config, configs, optimizer):
     """The TrainState's structure and shapes, computed without allocating it."""
     shapes = {**components.pipeline_param_shapes(components.build_models(configs)), **training_head_shapes(config, configs)}
@@ -256,11 +132,11 @@ def abstract_state(config, configs, optimizer):
 
 def restore_pipeline(workdir: str, use_ema: bool = True) -> pipeline.Pipeline:
     """The newest checkpoint of a run as a `Pipeline` (EMA weights by default)."""
-    config, configs, tokenizers = read_run(workdir)
-    if not checkpoint_lib.saved_steps(os.path.join(workdir, CHECKPOINTS)):
+    config, configs, tokenizers = run_dir.read_run(workdir)
+    if not checkpoint_lib.saved_steps(os.path.join(workdir, run_dir.CHECKPOINTS)):
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     optimizer = step_lib.make_optimizer(config)
-    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINTS), every=1, keep=1)
+    ckpt = Checkpointer(os.path.join(workdir, run_dir.CHECKPOINTS), every=1, keep=1)
     # Onto this machine's devices, whatever mesh the run was saved from.
     abstract = abstract_state(config, configs, optimizer)
     shardings = parallel.shardings_for(abstract, parallel.make_mesh())
@@ -297,57 +173,6 @@ def with_vae_decoder(pipe: pipeline.Pipeline, donor: pipeline.Pipeline, toleranc
                              f"(> {tolerance}): only a decoder fine-tune keeps the latent space")
     return pipeline.Pipeline(pipe.models, {**pipe.params, "vae": theirs}, pipe.tokenizers, pipe.configs,
                       pipe.defaults, path=pipe.path)
-
-
-class MetricsLog:
-    """Appends scalars to `metrics.csv` (one row per logged step, columns fixed by the first).
-
-    `keep_until(step)` (a resume) drops the rows after `step`, which the run is about to write again,
-    and any row a kill cut short, so the file keeps one row per step however often the run stopped.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fields = None
-
-    def keep_until(self, step: int) -> None:
-        """Drops the rows of steps after `step` (and cut-short or unreadable lines), rewriting the
-        file atomically; removes it when no row is left."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, newline="") as f:
-            lines = f.readlines()
-        header = next(csv.reader(lines[:1]), None) if lines and lines[0].endswith("\n") else None
-        kept = []
-        for line in lines[1:] if header else ():
-            row = next(csv.reader([line]), [])
-            if not line.endswith("\n") or len(row) != len(header):
-                continue  # cut short by a kill while it was written
-            try:
-                if int(row[0]) <= step:
-                    kept.append(line)
-            except ValueError:
-                continue
-        self.fields = None
-        if not kept:
-            os.remove(self.path)
-        elif len(kept) != len(lines) - 1:
-            write_atomically(self.path, "".join(lines[:1] + kept))
-
-    def write(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        new = not os.path.exists(self.path)
-        if self.fields is None:
-            if new:
-                self.fields = list(row)
-            else:
-                with open(self.path, newline="") as f:
-                    self.fields = next(csv.reader(f))
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
 
 
 def _batch_fn(config, source, tokenizers, models, padded_batch_size=None):
@@ -406,7 +231,8 @@ def _save_samples(config, state, models, configs, tokenizers, batch, workdir, st
     else:
         pipe = pipeline.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults))
         grid = pipe.generate(list(config.sample_prompts), seed=0)
-    save_pngs(np.concatenate(list(grid), axis=0)[None], out, prefix=f"step_{step:07d}")
+    save_pngs(np.concatenate(list(grid), axis=0)[None], out, prefix=f"step_{step:07d}",
+              overwrite=True)  # a resumed run redraws the step's samples
 
 
 def sharded_training(models: components.Models, params: dict, config, optimizer, mesh):
@@ -436,7 +262,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
     step_lib.check_config(config)  # before anything is built: a bad field costs no start-up time
     if until_step is not None and until_step < 1:
         raise ValueError(f"--until-step must be >= 1, got {until_step}")
-    existing = _existing_run_configs(workdir)  # (names damaged run files before the slow part)
+    existing = run_dir.existing_run_configs(workdir)  # (names damaged run files before the slow part)
     configs, params, tokenizers = build_pipeline(config)
     source = data.make_source(config.data)
     if existing is not None:
@@ -445,7 +271,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
     elif config.init.calibrate_scaling_factor:
         configs = calibrate_scaling_factor(configs, params["vae"], source, config)
     if jax.process_index() == 0 and existing is None:
-        _write_run_files(workdir, config, configs, tokenizers)
+        run_dir.write_run_files(workdir, config, configs, tokenizers)
     models = components.build_models(configs, dtype=jnp.dtype(config.train.compute_dtype))
     optimizer = step_lib.make_optimizer(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -462,7 +288,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         logging.info("cached the VAE posteriors of %d examples in %.0f s", len(source), time.perf_counter() - t)
     state, train_step = sharded_training(models, params, config, optimizer, mesh)
     del params
-    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINTS), every=config.checkpoint.every,
+    ckpt = Checkpointer(os.path.join(workdir, run_dir.CHECKPOINTS), every=config.checkpoint.every,
                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     try:
         restored = ckpt.restore_latest(state, set_aside=jax.process_index() == 0)
@@ -485,7 +311,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
             f"{what}; {kept} (lower train.learning_rate or check the data, then re-run to resume)")
 
     rng = jax.random.key(config.seed)
-    log = MetricsLog(os.path.join(workdir, "metrics.csv")) if jax.process_index() == 0 else None
+    log = run_dir.MetricsLog(os.path.join(workdir, "metrics.csv")) if jax.process_index() == 0 else None
     if log:
         log.keep_until(start)  # the rows after the checkpoint are written again
     total = config.train.steps

@@ -204,7 +204,7 @@ def check_defaults(defaults: Mapping) -> None:
         raise ValueError(f"default steps must be a positive int, got {steps!r}")
     sampler = defaults.get("sampler")
     if sampler is not None and sampler not in schedules.SAMPLER_NAMES:
-        raise ValueError(f"unknown default sampler {sampler!r}; choose one of {', '.join(schedules.SAMPLER_NAMES)}")
+        raise ValueError(f"unknown sampler {sampler!r} as the folder's default; choose one of {', '.join(schedules.SAMPLER_NAMES)}")
 
 
 def _remove_leftovers(path: str) -> None:

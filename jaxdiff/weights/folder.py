@@ -250,8 +250,8 @@ INDEX_EXAMPLES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffus
                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
 # Each component's config defaults (what its fields' types are checked against) and class name.
 CONFIG_DEFAULTS = {
-    "UNet2DConditionModel": unet_module._DEFAULTS,
-    "AutoencoderKL": vae_module._DEFAULTS,
+    "UNet2DConditionModel": unet_module.DEFAULTS,
+    "AutoencoderKL": vae_module.DEFAULTS,
     "CLIPTextModel": {f.name: f.default for f in dataclasses.fields(CLIPTextConfig)},
 }
 
