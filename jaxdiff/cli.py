@@ -223,25 +223,6 @@ def train(args) -> int:
     return 0
 
 
-def keep_compiled_programs() -> None:
-    """Turn on jax's persistent compilation cache, in ~/.cache/jaxdiff/xla (XDG_CACHE_HOME is honoured).
-
-    Compiling is most of a short command's time: the second `generate` of the bundled model takes 10 s
-    instead of 16 on 2 cores, and a resumed or repeated training stage skips its train step's compile.
-    XLA:CPU checks an entry's target CPU features before it loads it and compiles afresh on a mismatch
-    (some Intel CPUs fail that check on every entry and log an error line for each: jax issue 38445).
-    JAX_COMPILATION_CACHE_DIR, when set, wins (jax reads it itself: a folder all hosts of a pod share,
-    or empty to turn the cache off).
-    """
-    import jax
-
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        return
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jaxdiff", "xla"))
-    jax.config.update("jax_compilation_cache_max_size", 1 << 30)  # least recently used entries go first
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The `jaxdiff` parser and its subcommands' parsers, by name."""
     verbose_help = "log at INFO: the devices, jax's backends, library notices (default: warnings only)"
@@ -281,7 +262,6 @@ def main(argv=None) -> int:
                                      + " (config overrides are for train)")
     args.config_overrides = overrides
     _quiet_start(args.verbose, args.command)
-    keep_compiled_programs()
     command = {"generate": generate, "eval": evaluate, "export": export, "train": train}[args.command]
     return _report_errors(command, args)
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import components, limits, parallel, sample, text
+from jaxdiff import compile_cache, components, limits, parallel, sample, text
 from jaxdiff.components import Models, PipelineConfigs
 from jaxdiff.sample import GenerateInputs
 from jaxdiff.sampling import schedules
@@ -219,13 +219,15 @@ def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: boo
 
     Every tensor must map onto a parameter of the same shape and every parameter must be filled;
     anything else raises `WeightError` naming the tensor. `dtype` is the compute dtype (params stay
-    float32). Pickle weights (`.bin`, `.ckpt`) are refused unless `allow_pickle=True`.
+    float32). Pickle weights (`.bin`, `.ckpt`) are refused unless `allow_pickle=True`. Turns on the
+    persistent compilation cache (`compile_cache`; JAXDIFF_COMPILE_CACHE=0 opts out).
     """
     if path is None:
         path = BUNDLED_MODEL
         if not os.path.exists(os.path.join(path, "model_index.json")):
             raise FileNotFoundError(f"the bundled model is missing from {path}; reinstall jaxdiff or "
                                     "pass a model folder")
+    compile_cache.enable()
     checkpoint = folder.read_folder(path, allow_pickle=allow_pickle)
     models = components.build_models(checkpoint.configs, dtype)
     return Pipeline(models, checkpoint.params, checkpoint.tokenizers, checkpoint.configs,

@@ -5,8 +5,8 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# main.main() turns on jax's persistent compilation cache under ~/.cache unless this is set: tests that
-# call it in-process would otherwise write there, and every later compile of that worker with them.
+# jaxdiff.load() turns on jax's persistent compilation cache under ~/.cache unless this is set: tests
+# would otherwise write there, and every later compile of that worker with them.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 

@@ -12,7 +12,8 @@ from tests.test_parallel import ROOT
 # is decided.
 LAYERS = (
     ("jaxdiff.models",),
-    ("jaxdiff.sampling", "jaxdiff.text", "jaxdiff.images", "jaxdiff.data", "jaxdiff.parallel"),
+    ("jaxdiff.sampling", "jaxdiff.text", "jaxdiff.images", "jaxdiff.data", "jaxdiff.parallel",
+     "jaxdiff.compile_cache"),
     ("jaxdiff.components", "jaxdiff.limits"),
     ("jaxdiff.weights",),
     ("jaxdiff.sample",),

@@ -221,9 +221,10 @@ def test_cli_reports_bad_input_without_traceback(pipeline_dir, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_cli_keeps_compiled_programs_between_runs(pipeline_dir, tmp_path):
-    """main.py caches what it compiles under XDG_CACHE_HOME/jaxdiff/xla, and the second run finds the
-    entries there (it reads every one); JAX_COMPILATION_CACHE_DIR="" turns the cache off."""
+def test_compiled_programs_are_kept_between_runs(pipeline_dir, tmp_path):
+    """The library (`jaxdiff.load`) caches what it compiles under XDG_CACHE_HOME/jaxdiff/xla: a
+    `jaxdiff generate` writes the entries and a later Python-API run reads every one;
+    JAXDIFF_COMPILE_CACHE=0 and JAX_COMPILATION_CACHE_DIR="" each turn the cache off."""
     import subprocess
     import sys
 
@@ -233,9 +234,12 @@ def test_cli_keeps_compiled_programs_between_runs(pipeline_dir, tmp_path):
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     cache = tmp_path / "cache" / "jaxdiff" / "xla"
 
-    def generate(env):
+    def generate(env, cli=True):
         cmd = [sys.executable, "main.py", "generate", "a red circle", "--model", pipeline_dir("sd1"),
                "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "out")]
+        if not cli:
+            cmd = [sys.executable, "-c", f"import jaxdiff; jaxdiff.load({pipeline_dir('sd1')!r}).generate("
+                   "'a red circle', steps=2, height=32, width=32)"]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
         # entry -> when it was last used: jax writes that time into the entry's "-atime" file on each
         # write and each read (least recently used entries go first when the cache is full).
@@ -246,9 +250,9 @@ def test_cli_keeps_compiled_programs_between_runs(pipeline_dir, tmp_path):
     # The second run read every program the first one wrote. (It may add entries of its own: jax keeps
     # only programs whose compile took over a second, and a small one can cross that line when the
     # machine is loaded.)
-    second = generate(env)
+    second = generate(env, cli=False)
     assert all(second[name] > used for name, used in first.items()), (first, second)
     env["XDG_CACHE_HOME"] = str(tmp_path / "off")
-    env["JAX_COMPILATION_CACHE_DIR"] = ""
-    generate(env)
+    generate({**env, "JAXDIFF_COMPILE_CACHE": "0"})
+    generate({**env, "JAX_COMPILATION_CACHE_DIR": ""})
     assert not (tmp_path / "off").exists()

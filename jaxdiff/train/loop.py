@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import components, parallel, pipeline, sample, text
+from jaxdiff import compile_cache, components, parallel, pipeline, sample, text
 from jaxdiff.images import save_pngs
 from jaxdiff.models import params as model_params
 from jaxdiff.models.contrastive import ContrastiveHeads
@@ -262,6 +262,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
     step_lib.check_config(config)  # before anything is built: a bad field costs no start-up time
     if until_step is not None and until_step < 1:
         raise ValueError(f"--until-step must be >= 1, got {until_step}")
+    compile_cache.enable()  # a resumed or repeated stage skips its train step's compile
     existing = run_dir.existing_run_configs(workdir)  # (names damaged run files before the slow part)
     configs, params, tokenizers = build_pipeline(config)
     source = data.make_source(config.data)
