@@ -30,6 +30,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
 # -- generate --------------------------------------------------------------------------------------
 
 def _generate_parser(sub, common):
@@ -55,7 +59,9 @@ def _generate_parser(sub, common):
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
                    help="refuse images of more pixels than this (0: no cap; a request that cannot fit in "
                         "memory is refused anyway)")
-    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 instead of float32")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="compute dtype of the models (bf16 keeps the params in bf16 too; the sampler and "
+                        "the images stay float32)")
     return p
 
 
@@ -70,7 +76,7 @@ def generate(args) -> int:
         raise ValueError("generate: give a prompt (positional or --prompt)")
     prepare_out_dir(args.out)  # a bad --out fails now, not after the generation
     logging.info("devices: %s", jax.devices())
-    pipe = jaxdiff.load(args.model, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+    pipe = jaxdiff.load(args.model, dtype=getattr(jnp, DTYPES[args.dtype]))
     images = pipe.generate(prompts, negative_prompts=args.negative_prompt, height=args.height,
                            width=args.width, steps=args.steps, guidance_scale=args.cfg,
                            sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.batch,

@@ -218,8 +218,9 @@ def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: boo
     the bundled shapes model.
 
     Every tensor must map onto a parameter of the same shape and every parameter must be filled;
-    anything else raises `WeightError` naming the tensor. `dtype` is the compute dtype (params stay
-    float32). Pickle weights (`.bin`, `.ckpt`) are refused unless `allow_pickle=True`. Turns on the
+    anything else raises `WeightError` naming the tensor. `dtype` is the compute dtype: with
+    `jnp.bfloat16` the models run and keep their params in it (`jnp.float16` computes in it from
+    float32 params), while the sampler's arithmetic and the decoded images stay float32. Pickle weights (`.bin`, `.ckpt`) are refused unless `allow_pickle=True`. Turns on the
     persistent compilation cache (`compile_cache`; JAXDIFF_COMPILE_CACHE=0 opts out).
     """
     if path is None:
@@ -228,7 +229,11 @@ def load(path: str | None = None, *, dtype: Any = jnp.float32, allow_pickle: boo
             raise FileNotFoundError(f"the bundled model is missing from {path}; reinstall jaxdiff or "
                                     "pass a model folder")
     compile_cache.enable()
-    checkpoint = folder.read_folder(path, allow_pickle=allow_pickle)
+    # bf16 compute keeps bf16 params (no float32 copy of a half checkpoint, half the memory); not
+    # float16, whose range would turn large float32 weights into inf.
+    bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+    checkpoint = folder.read_folder(path, allow_pickle=allow_pickle,
+                                    param_dtype=jnp.bfloat16 if bf16 else jnp.float32)
     models = components.build_models(checkpoint.configs, dtype)
     return Pipeline(models, checkpoint.params, checkpoint.tokenizers, checkpoint.configs,
                     checkpoint.defaults, path=path)

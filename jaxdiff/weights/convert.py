@@ -119,7 +119,7 @@ def load_state_dict(tensors: Mapping[str, np.ndarray], target, *, what: str = "m
             torch_expected = _shape(_to_torch_layout(leaf, np.empty(expected, np.uint8)))
             problems.append(f"tensor {name!r} has shape {_shape(array)}, {what} expects {torch_expected}")
             continue
-        out[key] = value.astype(flat_target[key].dtype)
+        out[key] = value.astype(flat_target[key].dtype, copy=False)  # (a file of the target dtype: no copy)
 
     for key in flat_target:
         if key not in out:

@@ -340,12 +340,13 @@ def read_tokenizer(folder: str):
         raise ValueError(f"tokenizer folder {folder} cannot be read: {first_line}") from e
 
 
-def read_folder(path: str, *, allow_pickle: bool = False) -> Checkpoint:
+def read_folder(path: str, *, allow_pickle: bool = False, param_dtype=jnp.float32) -> Checkpoint:
     """A diffusers pipeline folder (SD1.x, SD2.x, SDXL): its configs, params, tokenizers and defaults.
 
     Every tensor must map onto a parameter of the same shape and every parameter must be filled;
     anything else raises `WeightError` naming the tensor. Pickle weights (`.bin`, `.ckpt`) are
-    refused unless `allow_pickle=True`.
+    refused unless `allow_pickle=True`. Floating params come back in `param_dtype`: a half dtype
+    reads fp16/bf16 files without a float32 copy on the host (and halves the params' memory).
     """
     configs = read_configs(path)
     index = read_json(os.path.join(path, "model_index.json"))
@@ -356,7 +357,9 @@ def read_folder(path: str, *, allow_pickle: bool = False) -> Checkpoint:
 
     def load_params(name, module):
         rename = MODULE_FOR_CLASS[_component(index, name)][1]
-        params = load_component(os.path.join(path, name), param_shapes(module),
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype)
+                              if jnp.issubdtype(s.dtype, jnp.floating) else s, param_shapes(module))
+        params = load_component(os.path.join(path, name), shapes,
                                 what=name, allow_pickle=allow_pickle, rename=rename)
         return jax.tree.map(jnp.asarray, params)
 
