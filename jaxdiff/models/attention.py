@@ -1,28 +1,259 @@
 """Attention layers of the U-Net and the VAE (diffusers.models.attention_processor / attention /
 transformers.transformer_2d), and the one scaled dot-product attention every model calls, the text
 encoder's included. NHWC or [B, T, C] in; softmax in float32.
+
+`multihead_attention` picks one of three implementations, statically (at trace time, from the
+shapes, the dtype and `jax.default_backend()`), all equal within float32 round-off:
+
+- "chunked" (the CPU's): a memory-efficient attention that never holds the whole score matrix
+  (`chunked_attention`): a `lax.map` over steps of a few batch * heads slices times a chunk of
+  queries, each with an exact float32 softmax over all keys or, for long key sequences, a `lax.scan`
+  over chunks of keys with an online softmax (running max and sum in float32, flash style). The
+  backward pass recomputes each step (`jax.checkpoint`), so gradients stay memory-efficient too. A
+  small problem is a single step: a plain attention in [B * H, T, D] layout.
+- "xla": `jax.nn.dot_product_attention(implementation="xla")`, the whole [B, H, Tq, Tk] score
+  matrix at once: on GPUs for float32, and on TPUs.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention, on
+  a GPU for bfloat16/float16 where its constraints hold (`_cudnn_applies`; should jax still refuse
+  the call at trace time, the "xla" path).
+
+The choice ("auto", the default) is `implementation_for`'s; it and the chunked path's step sizes
+(`_plan`) come from bench/attention_speed.py (the numbers are in the comment above
+`implementation_for`). Override it for tests or experiments with
+`set_implementation("auto" | "xla" | "chunked" | "cudnn")` (returns the previous setting) or the
+environment variable `JAXDIFF_ATTENTION` with the same values; `set_implementation` wins over the
+variable. "cudnn" means cuDNN wherever it applies and "xla" elsewhere (float16 on a CPU, which has
+no "xla" path, stays "chunked"). The setting is read when a function is traced: a function that
+was already jitted keeps the choice it was traced with until it is traced again (a new `jax.jit`,
+other shapes, or `jax.clear_caches()`).
 """
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.models.layers import Dtype, conv2d, group_norm, layer_norm
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+ENV_VAR = "JAXDIFF_ATTENTION"
+
+# The chunked path's steps (`_plan`), measured with bench/attention_speed.py: see the comment above
+# `implementation_for`.
+_ONE_STEP_MAX = 1 << 20  # batch * heads * Tq * Tk up to which the chunked path is one step
+_EXACT_MAX_KEYS = 1024  # keys up to which a step takes them all (exact softmax); above, online softmax
+_Q_CHUNK = 512  # queries per step with an exact softmax
+_Q_CHUNK_ONLINE = 2048  # queries per step with an online softmax
+_KV_CHUNK = 512  # keys per chunk of the online softmax
+_TILE = 1 << 19  # scores per step (group * q_chunk * keys or kv_chunk), at most: 2 MiB of float32
+_MAX_GROUP = 8  # batch * heads slices per step, at most
+
+_override: str | None = None
+
+
+def set_implementation(name: str | None) -> str | None:
+    """Forces `multihead_attention`'s implementation ("auto" | "xla" | "chunked" | "cudnn"), or with
+    None goes back to `JAXDIFF_ATTENTION` / "auto". Returns the previous override. Takes effect for
+    functions traced afterwards."""
+    global _override
+    if name is not None and name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {name!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+    previous, _override = _override, name
+    return previous
+
+
+def get_implementation() -> str:
+    """The setting in force: `set_implementation`'s, else `JAXDIFF_ATTENTION`'s, else "auto"."""
+    if _override is not None:
+        return _override
+    name = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"{ENV_VAR}={name!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+    return name
+
+
+def _cudnn_applies(backend: str, dtype, head_dim: int) -> bool:
+    """cuDNN flash attention's documented constraints (jax.nn.dot_product_attention with cuDNN 9):
+    a GPU, float16 or bfloat16, head_dim a multiple of 8 and at most 128. (Hopper takes up to 256:
+    SD1.5's head of 160 ran there, on an H200, but was not timed, so it stays on XLA, like the
+    VAE's single head of 512.) A causal mask is supported."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return backend in ("gpu", "cuda") and half and head_dim % 8 == 0 and head_dim <= 128
+
+
+def implementation_for(q_len: int, kv_len: int, head_dim: int, dtype, *, backend: str | None = None,
+                       setting: str | None = None) -> str:
+    """The implementation `multihead_attention` uses for these shapes: "xla", "chunked" or "cudnn".
+
+    `setting` defaults to `get_implementation()`, `backend` to `jax.default_backend()`.
+    """
+    setting = get_implementation() if setting is None else setting
+    backend = jax.default_backend() if backend is None else backend
+    if setting in ("xla", "chunked"):
+        return setting
+    if _cudnn_applies(backend, dtype, head_dim):
+        return "cudnn"
+    if backend == "cpu" and (setting == "auto" or jnp.dtype(dtype) == jnp.float16):
+        # Faster than the xla path at every size measured (see above _ONE_STEP_MAX); and for float16
+        # the only one: the xla path asks for an F16_F16_F32 dot, which XLA's CPU backend lacks.
+        return "chunked"
+    return "xla"
 
 
 def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, *,
                         is_causal: bool = False) -> jax.Array:
-    """Scaled dot-product attention over [B, T, num_heads * head_dim] projections.
-
-    Goes through `jax.nn.dot_product_attention` so that each backend picks its fused kernel.
-    """
+    """Scaled dot-product attention over [B, T, num_heads * head_dim] projections (queries [B, Tq, .],
+    keys and values [B, Tk, .]); the implementation is `implementation_for`'s (module docstring).
+    `is_causal`: query i sees keys 0..i."""
     b, tq, inner = q.shape
     head_dim = inner // num_heads
     split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, head_dim)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal)
+    q4, k4, v4 = split(q), split(k), split(v)
+    impl = implementation_for(tq, k.shape[1], head_dim, q.dtype)
+    if impl == "cudnn":
+        try:
+            out = jax.nn.dot_product_attention(q4, k4, v4, is_causal=is_causal, implementation="cudnn")
+        except (NotImplementedError, RuntimeError, ValueError):  # refused at trace time (GPU, cuDNN, shapes)
+            impl = "xla"
+    if impl == "chunked":
+        out = chunked_attention(q4, k4, v4, is_causal=is_causal)
+    elif impl == "xla":
+        out = jax.nn.dot_product_attention(q4, k4, v4, is_causal=is_causal, implementation="xla")
     return out.reshape(b, tq, inner)
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory-efficient path
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # as jax.nn.dot_product_attention masks
+
+
+def _plan(bh: int, q_len: int, kv_len: int) -> tuple[int, int, int | None]:
+    """(group, q_chunk, kv_chunk) for `chunked_attention` on bh = batch * heads slices: each step
+    takes `group` slices times `q_chunk` queries against all keys (kv_chunk None) or, in an online
+    softmax, against `kv_chunk` keys at a time; as many slices as fit in `_TILE` scores."""
+    if bh * q_len * kv_len <= _ONE_STEP_MAX:
+        return bh, q_len, None
+    kv_chunk = None if kv_len <= _EXACT_MAX_KEYS else _KV_CHUNK
+    q_chunk = min(q_len, _Q_CHUNK if kv_chunk is None else _Q_CHUNK_ONLINE)
+    per_slice = q_chunk * (kv_len if kv_chunk is None else kv_chunk)
+    group = max(d for d in range(1, min(bh, _MAX_GROUP) + 1) if bh % d == 0 and (d == 1 or d * per_slice <= _TILE))
+    return group, q_chunk, kv_chunk
+
+
+def _scores(q: jax.Array, k: jax.Array, q_start, k_start, is_causal: bool) -> jax.Array:
+    """float32 [g, cq, ck] dot products (unscaled) of [g, cq, D] queries with [g, ck, D] keys."""
+    s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
+    if is_causal:
+        qi = q_start + jnp.arange(q.shape[1])[:, None]
+        ki = k_start + jnp.arange(k.shape[1])[None, :]
+        s = jnp.where(ki <= qi, s, _MASKED)
+    return s
+
+
+def _weighted(p: jax.Array, v: jax.Array) -> jax.Array:
+    """float32 sum of [g, ck, D] values weighted by float32 [g, cq, ck] p (taken in v's dtype)."""
+    return jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def _attend_exact(q: jax.Array, k: jax.Array, v: jax.Array, q_start, is_causal: bool, scale: float) -> jax.Array:
+    """[g, cq, D] queries against all [g, S, D] keys; the softmax normalised after the weighted sum.
+    (The scale > 0 is applied after the max, in float32: max(scale * s) = scale * max(s).)"""
+    s = _scores(q, k, q_start, 0, is_causal)
+    p = jnp.exp((s - jnp.max(s, axis=-1, keepdims=True)) * scale)
+    return _weighted(p, v) / jnp.sum(p, axis=-1, keepdims=True)
+
+
+def _attend_online(q: jax.Array, k_full, v_full, k_rest, v_rest, q_start, is_causal: bool, scale: float,
+                   kv_chunk: int) -> jax.Array:
+    """[g, cq, D] queries against keys in chunks ([m, g, kv_chunk, D] full ones, then the [g, r, D]
+    rest or None), online softmax: running max and sum in float32."""
+
+    def update(carry, kv):
+        m, l, o = carry
+        kc, vc, k_start = kv
+        s = _scores(q, kc, q_start, k_start, is_causal)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp((s - m_new[..., None]) * scale)
+        a = jnp.exp((m - m_new) * scale)
+        return (m_new, l * a + jnp.sum(p, axis=-1), o * a[..., None] + _weighted(p, vc)), None
+
+    g, cq, _ = q.shape
+    carry = (jnp.full((g, cq), _MASKED, jnp.float32), jnp.zeros((g, cq), jnp.float32),
+             jnp.zeros((g, cq, v_full.shape[-1]), jnp.float32))
+    # Key chunk 0 first: under a causal mask every query sees a key in it, so m is a real score after it.
+    starts = jnp.arange(k_full.shape[0]) * kv_chunk
+    carry, _ = jax.lax.scan(update, carry, (k_full, v_full, starts))
+    if k_rest is not None:
+        carry, _ = update(carry, (k_rest, v_rest, k_full.shape[0] * kv_chunk))
+    _, l, o = carry
+    return o / l[..., None]
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,
+                      q_chunk: int | None = None, kv_chunk: int | None = None,
+                      group: int | None = None) -> jax.Array:
+    """Memory-efficient scaled dot-product attention of [B, Tq, H, D] queries and [B, Tk, H, D] keys
+    and values (jax.nn.dot_product_attention's layout); equal to it within float32 round-off.
+
+    The B * H slices are taken `group` at a time, the queries `q_chunk` at a time (the last chunk
+    shorter when it does not divide Tq), in one `lax.map` over (group, chunk) pairs; each step
+    attends to all keys with one exact softmax or, with `kv_chunk`, to chunks of that many keys
+    with an online softmax (`lax.scan`; kv_chunk=0: all keys at once). Arguments left None come from
+    `_plan`; a problem small enough is one step, a plain attention in [B * H, T, D] layout. Scores
+    and softmax statistics are float32 whatever the input dtype, and the scale is applied to them
+    in float32; the weighted sum takes the probabilities in the values' dtype, as the XLA path
+    does. The backward pass recomputes each step (`jax.checkpoint`) rather than storing its
+    probabilities, so gradients are memory-efficient too.
+    """
+    b, tq, h, d = q.shape
+    tk, bh, dtype = k.shape[1], b * h, q.dtype
+    plan = _plan(bh, tq, tk)
+    group = plan[0] if group is None else group
+    q_chunk = min(plan[1] if q_chunk is None else q_chunk, tq)
+    kv_chunk = plan[2] if kv_chunk is None else kv_chunk
+    if not kv_chunk or kv_chunk >= tk:
+        kv_chunk = None
+    if bh % group:
+        raise ValueError(f"group={group} must divide batch * heads = {bh}")
+    # [B, T, H, D] -> [G, group, T, D], G = B * H / group: one transpose up front, and each step's
+    # matmuls are plain batched matmuls over the group.
+    n_groups = bh // group
+    to_groups = lambda x: x.transpose(0, 2, 1, 3).reshape(n_groups, group, x.shape[1], d)
+    q, k, v, scale = to_groups(q), to_groups(k), to_groups(v), d ** -0.5
+
+    if kv_chunk is None:
+        keys = (k, v)
+        attend = lambda qc, keys, start: _attend_exact(qc, *keys, start, is_causal, scale)
+    else:
+        m = tk // kv_chunk
+        split = lambda x: x[:, :, :m * kv_chunk].reshape(n_groups, group, m, kv_chunk, d).transpose(0, 2, 1, 3, 4)
+        rest = (lambda x: x[:, :, m * kv_chunk:]) if tk % kv_chunk else (lambda x: None)
+        keys = (split(k), split(v), rest(k), rest(v))  # [G, m, group, kv_chunk, D], [G, group, r, D]
+        attend = lambda qc, keys, start: _attend_online(qc, *keys, start, is_causal, scale, kv_chunk)
+
+    n, r = tq // q_chunk, tq % q_chunk
+    if n_groups * (n + (r > 0)) == 1:  # one step: nothing to map, nothing to save by recomputing
+        out = attend(q[0], jax.tree.map(lambda x: x[0], keys), 0)[None]
+    else:
+        attend = jax.checkpoint(attend)  # the backward recomputes a step instead of storing its scores
+        group_keys = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), keys)
+        outs = []
+        if n:
+            qs = q[:, :, :n * q_chunk].reshape(n_groups, group, n, q_chunk, d).transpose(0, 2, 1, 3, 4)
+            step = lambda a: attend(a[0], group_keys(a[1] // n), (a[1] % n) * q_chunk)
+            o = jax.lax.map(step, (qs.reshape(n_groups * n, group, q_chunk, d), jnp.arange(n_groups * n)))
+            outs.append(o.reshape(n_groups, n, group, q_chunk, d).transpose(0, 2, 1, 3, 4)
+                        .reshape(n_groups, group, n * q_chunk, d))
+        if r:
+            step = lambda a: attend(a[0], group_keys(a[1]), n * q_chunk)
+            outs.append(jax.lax.map(step, (q[:, :, n * q_chunk:], jnp.arange(n_groups))))
+        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out.reshape(b, h, tq, d).transpose(0, 2, 1, 3).astype(dtype)
 
 
 class Attention(nn.Module):
