@@ -65,8 +65,8 @@ SHAPES = {
     "vae4096x512": (1, 4096, 4096, 1, 512, False),
     "text77x64": (2, 77, 77, 12, 64, True),
 }
-DEFAULT_SHAPES = ("self4096x40", "self4096x40b4", "self1024x80", "self256x160", "self1024x40", "self4096x80", "self4096x160",
-                  "self1024x160", "cross4096x40", "vae4096x512", "text77x64")
+DEFAULT_SHAPES = ("self4096x40", "self4096x40b4", "self1024x80", "self256x160", "self1024x40", "self4096x80",
+                  "self4096x160", "self1024x160", "cross4096x40", "vae4096x512", "text77x64")
 
 
 def jax_variants(names):

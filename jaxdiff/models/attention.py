@@ -85,6 +85,41 @@ def _cudnn_applies(backend: str, dtype, head_dim: int) -> bool:
     return backend in ("gpu", "cuda") and half and head_dim % 8 == 0 and head_dim <= 128
 
 
+# Measured with bench/attention_speed.py on 2026-12-04, on the project's 2-core CPU machine (`lscpu`:
+# AMD EPYC, 2 CPUs, family 26, AVX-512; L2 2 x 2 MiB, L3 32 MiB; KVM), jax 0.10.2, torch 2.13 with 2
+# threads, float32, one process, calls interleaved, medians of 5 (seconds; other work on the machine
+# moved single figures by up to ~2x, ratios less):
+#
+#   B, Tq, Tk, heads x head_dim        torch SDPA   xla     xla, [B,H,T,D]   chunked   torch/chunked
+#   2, 4096, 4096, 8 x 40 (64x64 lvl 0)   0.293      1.353   1.164            0.245     1.20
+#   2, 1024, 1024, 8 x 80 (64x64 lvl 1)   0.0341     0.111   0.087            0.0288    1.18
+#   2,  256,  256, 8 x 160 (lvl 2)        0.0071     0.0101  0.0057           0.0075    0.94 (*)
+#   2, 1024, 1024, 8 x 40 (32x32 lvl 0)   0.0197     0.101   0.078            0.0248    0.79
+#   2, 4096, 4096, 8 x 80                 0.517      1.722   1.473            0.381     1.36
+#   2, 4096, 4096, 8 x 160                0.943      1.970   1.813            0.628     1.50
+#   2, 4096,   77, 8 x 40 (cross-attn)    0.0096     0.0275  0.0116           0.0103    0.94
+#   1, 4096, 4096, 1 x 512 (VAE mid)      0.183      0.156   0.143            0.104     1.77
+#   2,   77,   77, 12 x 64 causal (text)  0.0004     0.0008  0.0006           0.0006    0.75 (**)
+#
+# "xla" never won, down to the text encoder's 77 tokens, so a CPU always takes the chunked path.
+# Its steps: for Tk > 1024 an online softmax over 512-key chunks with 1024 (above) or 2048 queries
+# per step (second run, 4096 tokens, head_dim 40/80/160 and the VAE: 0.217/0.346/0.579/0.095 s with
+# 1024, 0.192/0.329/0.556/0.107 with 2048; an exact softmax over all 4096 keys, 512 queries a step:
+# 0.193/0.425/0.631/0.096); up to 1024 keys one exact softmax, 512 queries a step, as many batch *
+# heads slices as keep a step within _TILE scores (8 slices a step: as fast at 1024 x 40, 1.8x slower
+# at 1024 x 80). (*) one step, now up to 2^20 scores, takes 0.0057 s. (**) sub-millisecond, all within
+# noise. Layouts: einsum on [B, T, H, D] views ("bqhd,bkhd->bhqk") was no faster than transposing
+# to [B, H, T, D] first. XLA flags tried (--xla_cpu_use_thunk_runtime=false,
+# --xla_cpu_prefer_vector_width=512, --xla_cpu_use_xnnpack, --xla_cpu_use_onednn,
+# --xla_cpu_enable_fast_math): none paid beyond the noise; none is set.
+#
+# On a GPU (an H200, jax 0.11.2, 2026-12-04; milliseconds, batch 2, 8 heads): bfloat16 at 4096 tokens
+# x 40, xla 1.23, cudnn 0.31; at 1024 x 80, 0.18 against 0.13; cross-attention 4096 x 77, 0.14
+# against 0.12; the text encoder's causal 77 tokens, 0.11 against 0.12-0.14 (launch-bound); a whole SD1.5
+# U-Net at 64x64 latents, batch 2, bfloat16: 15.2 with xla, 11.1 with cudnn. In float32 the chunked
+# path is slower than xla there (2.17 against 1.46 at 4096 x 40), so a GPU takes xla for float32.
+
+
 def implementation_for(q_len: int, kv_len: int, head_dim: int, dtype, *, backend: str | None = None,
                        setting: str | None = None) -> str:
     """The implementation `multihead_attention` uses for these shapes: "xla", "chunked" or "cudnn".
