@@ -43,7 +43,7 @@ def load_pipeline(path: str) -> pipeline.Pipeline:
 
 
 def build_pipeline(config) -> tuple[components.PipelineConfigs, dict, list]:
-    """(configs, params, tokenizers) the run starts from: components named in `config.init`
+    """(model_configs, params, tokenizers) the run starts from: components named in `config.init`
     come from `config.init.path`, the rest are built from `config.model` with random weights.
 
     The scheduler (which defines the objective: its noise schedule and prediction type) is
@@ -60,51 +60,51 @@ def build_pipeline(config) -> tuple[components.PipelineConfigs, dict, list]:
     else:
         tokenizers = [text.build_tokenizer(config.model.tokenizer_words, config.model.max_length)]
     if set(take) >= set(COMPONENTS):
-        configs = base.configs  # its pipeline class too (an SDXL folder stays SDXL)
+        model_configs = base.configs  # its pipeline class too (an SDXL folder stays SDXL)
         if "scheduler" not in take:
-            configs = dataclasses.replace(configs, scheduler=config.model.scheduler.to_dict())
+            model_configs = dataclasses.replace(model_configs, scheduler=config.model.scheduler.to_dict())
     else:
         tok = tokenizers[0]
         # The vocabulary and special ids follow the tokenizer, so config and tokenizer cannot disagree.
         encoder = {**config.model.text_encoder.to_dict(), "vocab_size": len(tok),
                    "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                    "pad_token_id": tok.pad_token_id, "max_position_embeddings": tok.model_max_length}
-        configs = components.PipelineConfigs(
+        model_configs = components.PipelineConfigs(
             pipeline_class=config.model.pipeline_class, unet=config.model.unet.to_dict(),
             vae=config.model.vae.to_dict(), text_encoders=(encoder,),
             scheduler=config.model.scheduler.to_dict())
         if base is not None:
-            configs = dataclasses.replace(configs, **{k: getattr(base.configs, k) for k in take})
+            model_configs = dataclasses.replace(model_configs, **{k: getattr(base.configs, k) for k in take})
     if config.mode == "unet":
-        components.check_latent_channels(configs)
-    params = components.init_params(components.build_models(configs), config.seed)
+        components.check_latent_channels(model_configs)
+    params = components.init_params(components.build_models(model_configs), config.seed)
     if base is not None:
         params.update({k: base.params[k] for k in take if k in COMPONENTS})
-    params.update(model_params.random_params(training_head_shapes(config, configs), config.seed))
-    return configs, params, tokenizers
+    params.update(model_params.random_params(training_head_shapes(config, model_configs), config.seed))
+    return model_configs, params, tokenizers
 
 
-def training_head_shapes(config, configs: components.PipelineConfigs) -> dict:
+def training_head_shapes(config, model_configs: components.PipelineConfigs) -> dict:
     """The shapes of the params a mode trains beside the pipeline's own (mode "clip": its image tower,
     text projection and temperature, under "contrastive"); empty for the other modes."""
     if config.mode != "clip":
         return {}
     heads = ContrastiveHeads.from_config(config.model.contrastive)
-    return {"contrastive": heads.param_shapes(config.data.resolution, configs.text_encoders[0]["hidden_size"])}
+    return {"contrastive": heads.param_shapes(config.data.resolution, model_configs.text_encoders[0]["hidden_size"])}
 
 
-def calibrate_scaling_factor(configs: components.PipelineConfigs, vae_params, source, config,
+def calibrate_scaling_factor(model_configs: components.PipelineConfigs, vae_params, source, config,
                              num_images: int = 512) -> components.PipelineConfigs:
     """Sets the VAE's scaling_factor to 1 / std of its latents on the training data, as Stable
     Diffusion chose 0.18215, so the diffusion model sees unit-variance latents."""
-    models = components.build_models(dataclasses.replace(configs, vae={**configs.vae, "scaling_factor": 1.0,
+    models = components.build_models(dataclasses.replace(model_configs, vae={**model_configs.vae, "scaling_factor": 1.0,
                                                               "shift_factor": None}))
     encode = jax.jit(lambda p, x: sample.encode_images(models, p, x))
     latents = [np.asarray(encode(vae_params, data.batch_at(source, i, 64, config.seed)["images"] / 2 + 0.5))
                for i in range(max(1, num_images // 64))]
     factor = float(1.0 / np.std(np.concatenate(latents)))
     logging.info("VAE scaling_factor calibrated to %.5f", factor)
-    return dataclasses.replace(configs, vae={**configs.vae, "scaling_factor": factor})
+    return dataclasses.replace(model_configs, vae={**model_configs.vae, "scaling_factor": factor})
 
 
 def cache_posteriors(models: components.Models, vae_params, source, batch_size: int = 256) -> data.ArraySource:
@@ -124,21 +124,21 @@ def cache_posteriors(models: components.Models, vae_params, source, batch_size: 
     return data.ArraySource(np.concatenate(chunks), captions, field="posterior")
 
 
-def abstract_state(config, configs, optimizer):
+def abstract_state(config, model_configs, optimizer):
     """The TrainState's structure and shapes, computed without allocating it."""
-    shapes = {**components.pipeline_param_shapes(components.build_models(configs)), **training_head_shapes(config, configs)}
+    shapes = {**components.pipeline_param_shapes(components.build_models(model_configs)), **training_head_shapes(config, model_configs)}
     return jax.eval_shape(lambda p: step_lib.create_state(p, config, optimizer), shapes)
 
 
 def restore_pipeline(workdir: str, use_ema: bool = True) -> pipeline.Pipeline:
     """The newest checkpoint of a run as a `Pipeline` (EMA weights by default)."""
-    config, configs, tokenizers = run_dir.read_run(workdir)
+    config, model_configs, tokenizers = run_dir.read_run(workdir)
     if not checkpoint_lib.saved_steps(os.path.join(workdir, run_dir.CHECKPOINTS)):
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     optimizer = step_lib.make_optimizer(config)
     ckpt = Checkpointer(os.path.join(workdir, run_dir.CHECKPOINTS), every=1, keep=1)
     # Onto this machine's devices, whatever mesh the run was saved from.
-    abstract = abstract_state(config, configs, optimizer)
+    abstract = abstract_state(config, model_configs, optimizer)
     shardings = parallel.shardings_for(abstract, parallel.make_mesh())
     try:  # the newest checkpoint that restores (a damaged one is named, and the one before it tried)
         state = ckpt.restore_latest(jax.tree.map(
@@ -147,9 +147,9 @@ def restore_pipeline(workdir: str, use_ema: bool = True) -> pipeline.Pipeline:
         ckpt.close()
     if state is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-    models = components.build_models(configs)
+    models = components.build_models(model_configs)
     params = {k: v for k, v in state.pipeline_params(use_ema).items() if k in COMPONENTS}
-    return pipeline.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults), path=workdir)
+    return pipeline.Pipeline(models, params, tokenizers, model_configs, dict(config.export.defaults), path=workdir)
 
 
 # VAE config fields that do not change what the weights mean.
@@ -219,7 +219,7 @@ def padded_batch_size(config, mesh) -> int:
     return parallel.pad_batch(t.batch_size, mesh, multiple=t.grad_accum_steps)
 
 
-def _save_samples(config, state, models, configs, tokenizers, batch, workdir, step):
+def _save_samples(config, state, models, model_configs, tokenizers, batch, workdir, step):
     if config.mode == "clip":
         return  # nothing to draw: the U-Net is not what this mode trains
     out = os.path.join(workdir, "samples")
@@ -229,7 +229,7 @@ def _save_samples(config, state, models, configs, tokenizers, batch, workdir, st
                                                                batch["images"][:8] / 2 + 0.5))
         grid = np.concatenate([batch["images"][:8] / 2 + 0.5, np.asarray(recon)], axis=2)
     else:
-        pipe = pipeline.Pipeline(models, params, tokenizers, configs, dict(config.export.defaults))
+        pipe = pipeline.Pipeline(models, params, tokenizers, model_configs, dict(config.export.defaults))
         grid = pipe.generate(list(config.sample_prompts), seed=0)
     save_pngs(np.concatenate(list(grid), axis=0)[None], out, prefix=f"step_{step:07d}",
               overwrite=True)  # a resumed run redraws the step's samples
@@ -264,16 +264,16 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
         raise ValueError(f"--until-step must be >= 1, got {until_step}")
     compile_cache.enable()  # a resumed or repeated stage skips its train step's compile
     existing = run_dir.existing_run_configs(workdir)  # (names damaged run files before the slow part)
-    configs, params, tokenizers = build_pipeline(config)
+    model_configs, params, tokenizers = build_pipeline(config)
     source = data.make_source(config.data)
     if existing is not None:
         # A resumed run keeps the pipeline configs it started with (calibrated numbers included).
-        configs = existing
+        model_configs = existing
     elif config.init.calibrate_scaling_factor:
-        configs = calibrate_scaling_factor(configs, params["vae"], source, config)
+        model_configs = calibrate_scaling_factor(model_configs, params["vae"], source, config)
     if jax.process_index() == 0 and existing is None:
-        run_dir.write_run_files(workdir, config, configs, tokenizers)
-    models = components.build_models(configs, dtype=jnp.dtype(config.train.compute_dtype))
+        run_dir.write_run_files(workdir, config, model_configs, tokenizers)
+    models = components.build_models(model_configs, dtype=jnp.dtype(config.train.compute_dtype))
     optimizer = step_lib.make_optimizer(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     padded = padded_batch_size(config, mesh)
@@ -343,7 +343,7 @@ def train(config, workdir: str, until_step: int | None = None) -> step_lib.Train
                                        f"(found before saving its checkpoint)")
                     ckpt.save(step + 1, state, force=True)
                 if config.sample_every and (step + 1) % config.sample_every == 0 and jax.process_index() == 0:
-                    _save_samples(config, state, models, configs, tokenizers, batch, workdir, step + 1)
+                    _save_samples(config, state, models, model_configs, tokenizers, batch, workdir, step + 1)
         finished = True
     finally:
         bar.close()

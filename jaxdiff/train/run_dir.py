@@ -3,7 +3,7 @@ at all (a temporary file or folder beside it, then a rename), so a kill at any m
 that resumes.
 
   config.json          the full config of the run
-  pipeline.json        the configs of the pipeline being trained (diffusers config dicts); its
+  pipeline.json        the config dicts of the pipeline being trained (diffusers config dicts); its
                        presence marks a started run
   tokenizer*/          its tokenizers
   checkpoints/         Orbax checkpoints of the TrainState (train.checkpoint)
@@ -65,7 +65,7 @@ def _write_folder_atomically(path: str, write) -> None:
         raise
 
 
-def write_run_files(workdir, config, configs, tokenizers):
+def write_run_files(workdir, config, model_configs, tokenizers):
     """config.json, the tokenizers, then pipeline.json (whose presence marks a started run), each
     written whole or not at all; leftovers of a start that was killed are removed first."""
     os.makedirs(workdir, exist_ok=True)
@@ -76,7 +76,7 @@ def write_run_files(workdir, config, configs, tokenizers):
     write_atomically(os.path.join(workdir, RUN_CONFIG), config.to_json_best_effort(indent=2))
     for tok, (_, name) in zip(tokenizers, folder.TEXT_COMPONENTS):
         _write_folder_atomically(os.path.join(workdir, name), tok.save_pretrained)
-    write_atomically(os.path.join(workdir, RUN_PIPELINE), json.dumps(dataclasses.asdict(configs), indent=2))
+    write_atomically(os.path.join(workdir, RUN_PIPELINE), json.dumps(dataclasses.asdict(model_configs), indent=2))
 
 
 def _read_run_json(path: str) -> dict:
@@ -97,7 +97,7 @@ def _read_run_json(path: str) -> dict:
 
 
 def read_run(workdir: str):
-    """(config, configs, tokenizers) of an existing run directory; FileNotFoundError when `workdir`
+    """(config, model_configs, tokenizers) of an existing run directory; FileNotFoundError when `workdir`
     is no run directory, a ValueError naming the file when one of its files cannot be read."""
     from transformers import CLIPTokenizer
 
@@ -108,22 +108,22 @@ def read_run(workdir: str):
     path = os.path.join(workdir, RUN_PIPELINE)
     raw = _read_run_json(path)
     try:
-        configs = components.PipelineConfigs(**{**raw, "text_encoders": tuple(raw["text_encoders"])})
+        model_configs = components.PipelineConfigs(**{**raw, "text_encoders": tuple(raw["text_encoders"])})
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is corrupt: not the configs of a pipeline ({type(e).__name__}: {e})") from None
     tokenizers = []
-    for _, name in folder.TEXT_COMPONENTS[:len(configs.text_encoders)]:
+    for _, name in folder.TEXT_COMPONENTS[:len(model_configs.text_encoders)]:
         try:
             tokenizers.append(CLIPTokenizer.from_pretrained(os.path.join(workdir, name)))
         except (OSError, ValueError, TypeError) as e:
             reason = " ".join(str(e).split())[:200]
             raise ValueError(f"{os.path.join(workdir, name)} cannot be read as a tokenizer "
                              f"(a run killed while starting?): {reason}") from None
-    return config, configs, tokenizers
+    return config, model_configs, tokenizers
 
 
 def existing_run_configs(workdir: str):
-    """The pipeline configs of the run already in `workdir`, or None when there is none to resume.
+    """The pipeline configs (`PipelineConfigs`) of the run already in `workdir`, or None when there is none to resume.
 
     Run files that cannot be read (a run of an older version killed while writing them) are written
     afresh when no checkpoint needs them (with a warning); with checkpoints it is an error naming the file.
