@@ -20,6 +20,8 @@ from jaxdiff.components import PipelineConfigs
 
 # Pixels per image a request may ask for unless the caller raises the cap (4096 x 4096).
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# Images one request may ask for: checked before the prompts are repeated per image.
+MAX_BATCH = 4096
 _FLOAT32 = 4
 
 
@@ -67,6 +69,9 @@ def check_request(configs: PipelineConfigs, batch: int, height: int, width: int,
                   devices: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
     """Raises ValueError, with the numbers, for a request over the pixel cap or one whose largest
     buffer cannot fit in one device's memory (the batch is split over `devices`)."""
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                   or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive int or None (no cap), got {max_pixels!r}")
     if max_pixels is not None and height * width > max_pixels:
         raise ValueError(f"{height}x{width} is {height * width:,} pixels per image, over the cap of "
                          f"{max_pixels:,} (about {math.isqrt(max_pixels)}x{math.isqrt(max_pixels)}); "

@@ -110,6 +110,9 @@ class Pipeline:
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        if len(prompts) * num_images_per_prompt > limits.MAX_BATCH:
+            raise ValueError(f"{len(prompts)} prompt(s) x num_images_per_prompt={num_images_per_prompt} is "
+                             f"over the cap of {limits.MAX_BATCH} images a request; split it")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         batch = len(prompts)

@@ -108,3 +108,33 @@ def test_an_output_folder_that_cannot_be_made_is_named(tmp_path):
         prepare_out_dir(str(tmp_path / "file"))
     with pytest.raises(OSError, match="cannot create"):
         prepare_out_dir(str(tmp_path / "file" / "sub"))
+
+
+def test_fuzzed_request_arguments_are_refused_by_name_or_give_finite_inputs(jaxdiff_pipeline):
+    """200 seeded random requests (wrong types, NaN, inf, huge and negative numbers, odd strings):
+    each either prepares finite inputs or raises a ValueError; never another exception."""
+    pipe = jaxdiff_pipeline("sd1")
+    rng = np.random.default_rng(2026)
+    values = [None, True, 0, 1, 2, -1, 3, 7, 64, 63, 2 ** 40, 2 ** 63, -2 ** 70, 1.5, 2.0, -0.5, math.nan,
+              math.inf, -math.inf, "", "7", "euler", "eular", "a prompt", [], ["a", "b"], [1, 2], {"x": 1},
+              np.int64(5), np.float32(np.nan), b"bytes"]
+    fields = ["steps", "guidance_scale", "guidance_rescale", "seed", "height", "width", "sampler",
+              "num_images_per_prompt", "max_pixels", "negative_prompts", "prompts"]
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(200):
+        kwargs = {"steps": 2}
+        for field in rng.choice(fields, size=rng.integers(1, 4), replace=False):
+            kwargs[str(field)] = values[rng.integers(len(values))]
+        prompts = kwargs.pop("prompts", "a red circle")
+        try:
+            inputs, _, _ = pipe.prepare(prompts, **kwargs)
+        except ValueError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["ok"] += 1
+        # (x0_clip is inf by design: "no clipping")
+        inputs = inputs._replace(schedule=inputs.schedule._replace(x0_clip=np.float32(0)), key=None)
+        for leaf in jax.tree.leaves(inputs):
+            if np.issubdtype(np.asarray(leaf).dtype, np.floating):
+                assert np.isfinite(np.asarray(leaf)).all(), kwargs
+    assert outcomes["ok"] > 10 and outcomes["refused"] > 50, outcomes
