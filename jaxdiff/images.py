@@ -28,6 +28,11 @@ def _next_index(out_dir: str, prefix: str) -> int:
     return max(taken, default=-1) + 1
 
 
+def non_finite(images: np.ndarray) -> list[int]:
+    """Indices of the images [B, H, W, 3] that hold NaN or infinite pixels."""
+    return [i for i, image in enumerate(images) if not np.isfinite(image).all()]
+
+
 def save_pngs(images: np.ndarray, out_dir: str, prefix: str = "image", overwrite: bool = False) -> list[str]:
     """Writes [B, H, W, 3] floats in [0, 1] as `out_dir/{prefix}_{i:03d}.png`; returns the paths.
 
@@ -38,7 +43,7 @@ def save_pngs(images: np.ndarray, out_dir: str, prefix: str = "image", overwrite
     from PIL import Image
 
     images = np.asarray(images)
-    bad = [i for i, image in enumerate(images) if not np.isfinite(image).all()]
+    bad = non_finite(images)
     if bad:
         raise ValueError(f"image(s) {', '.join(map(str, bad))} of {len(images)} hold NaN or infinite "
                          "pixels; nothing was written")

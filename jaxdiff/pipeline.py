@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import compile_cache, components, limits, parallel, sample, text
+from jaxdiff import images as images_lib
 from jaxdiff.components import Models, PipelineConfigs
 from jaxdiff.sample import GenerateInputs
 from jaxdiff.sampling import schedules
@@ -60,7 +61,7 @@ def check_finite_number(name: str, value) -> float:
 
 def check_finite_images(images: np.ndarray) -> np.ndarray:
     """Raises `NonFiniteImageError` naming the images [B, H, W, 3] that hold NaN or inf pixels."""
-    bad = [i for i, image in enumerate(images) if not np.isfinite(image).all()]
+    bad = images_lib.non_finite(images)
     if bad:
         raise NonFiniteImageError(
             f"image(s) {', '.join(map(str, bad))} of {len(images)} came out NaN or infinite: the model "
